@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what disklet and its tests need on Debian/Ubuntu: libudev for the
+# build, and the real tools the agent drives and the root tests exercise.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+  pkg-config libudev-dev \
+  util-linux fdisk e2fsprogs xfsprogs btrfs-progs cryptsetup-bin \
+  udev perl >/dev/null
+echo "setup-debian: packages installed"

@@ -1,0 +1,94 @@
+//! Linux adapters. Each capability is a trait returning `model` types, with a
+//! real implementation and a recording fake (`fake`).
+
+pub mod cmd;
+pub mod fake;
+pub mod mountinfo;
+pub mod probe;
+pub mod sysfs;
+pub mod udevdb;
+
+use crate::model::{Device, Exclusive, MountEntry, Probe, SwapEntry};
+
+pub use cmd::{Cmd, CmdError};
+pub use probe::BlkidProber;
+pub use sysfs::SysfsDevices;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot list block devices under {path}: {source}")]
+    ListDevices {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the mount table {path}: {source} (run as root; in a pod set hostPID: true, or point mountInfo at a readable table)")]
+    MountTable {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Swaps {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Lists block devices with their sysfs facts, udev data and links (no probe
+/// of the contents).
+pub trait BlockDevices {
+    fn list(&self) -> Result<Vec<Device>, HostError>;
+}
+
+/// Reads device contents, read-only.
+pub trait Prober: Sync {
+    /// Signatures (superblocks, partition tables, RAID/LVM/LUKS headers) and,
+    /// when none is found, whether the first and last MiB are zero.
+    fn probe(&self, dev: &Device) -> Probe;
+    /// Tries an `O_RDONLY|O_EXCL` open and closes it at once.
+    fn exclusive(&self, dev: &Device) -> Exclusive;
+}
+
+/// The host's mount table and active swaps.
+pub trait HostTables {
+    fn mounts(&self) -> Result<Vec<MountEntry>, HostError>;
+    fn swaps(&self) -> Result<Vec<SwapEntry>, HostError>;
+}
+
+/// `/proc/<pid>/mountinfo` and `/proc/swaps`.
+#[derive(Debug, Clone)]
+pub struct ProcTables {
+    pub mountinfo: std::path::PathBuf,
+    pub swaps: std::path::PathBuf,
+}
+
+impl ProcTables {
+    pub fn new(mountinfo: &std::path::Path) -> Self {
+        ProcTables {
+            mountinfo: mountinfo.to_path_buf(),
+            swaps: "/proc/swaps".into(),
+        }
+    }
+}
+
+impl HostTables for ProcTables {
+    fn mounts(&self) -> Result<Vec<MountEntry>, HostError> {
+        mountinfo::read_consistent(&self.mountinfo).map_err(|source| HostError::MountTable {
+            path: self.mountinfo.clone(),
+            source,
+        })
+    }
+
+    fn swaps(&self) -> Result<Vec<SwapEntry>, HostError> {
+        let text = std::fs::read_to_string(&self.swaps).map_err(|source| HostError::Swaps {
+            path: self.swaps.clone(),
+            source,
+        })?;
+        Ok(mountinfo::parse_swaps(&text)
+            .into_iter()
+            .map(|mut s| {
+                s.devno = mountinfo::block_devno(&s.path);
+                s
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,213 @@
+//! Our own read-only probe of device contents: every signature libblkid knows
+//! (through `wipefs --no-act --json`, which enumerates superblocks *and*
+//! partition tables, overlapping ones included), a zero check of the first and
+//! last MiB, and the kernel's exclusive-open test.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::host::{Cmd, Prober};
+use crate::model::{Device, Exclusive, Probe, Signature};
+
+/// How much of each end of the device must read back as zeroes.
+pub const ZERO_CHECK_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("wipefs printed JSON disklet does not understand: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("wipefs printed an offset that is not a number: {0:?}")]
+    Offset(String),
+}
+
+#[derive(Deserialize)]
+struct WipefsOut {
+    #[serde(default)]
+    signatures: Vec<WipefsSig>,
+}
+
+#[derive(Deserialize)]
+struct WipefsSig {
+    offset: String,
+    #[serde(rename = "type")]
+    kind: String,
+    uuid: Option<String>,
+    label: Option<String>,
+}
+
+/// Parses `wipefs --no-act --json` output. Empty output means no signature.
+pub fn parse_wipefs(text: &str) -> Result<Vec<Signature>, ParseError> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let out: WipefsOut = serde_json::from_str(text)?;
+    out.signatures
+        .into_iter()
+        .map(|s| {
+            let hex = s.offset.trim_start_matches("0x");
+            let offset =
+                u64::from_str_radix(hex, 16).map_err(|_| ParseError::Offset(s.offset.clone()))?;
+            Ok(Signature {
+                kind: s.kind,
+                offset,
+                uuid: s.uuid.filter(|u| !u.is_empty()),
+                label: s.label.filter(|l| !l.is_empty()),
+            })
+        })
+        .collect()
+}
+
+/// Whether the first and last `ZERO_CHECK_BYTES` of the device are zero.
+pub fn ends_are_zero(path: &Path, size: u64) -> std::io::Result<bool> {
+    let f = File::open(path)?;
+    let n = ZERO_CHECK_BYTES.min(size);
+    let mut buf = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
+    for off in [0, size.saturating_sub(n)] {
+        f.read_exact_at(&mut buf, off)?;
+        if buf.iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `O_RDONLY|O_EXCL` open: for a block device the kernel refuses it with EBUSY
+/// while the device is mounted, held by dm/md, or opened exclusively by anyone.
+/// Read-only, so closing it triggers no udev re-probe.
+pub fn try_exclusive(path: &Path) -> Exclusive {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    match open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => {
+            drop(fd);
+            Exclusive::Free
+        }
+        Err(nix::errno::Errno::EBUSY) => Exclusive::Busy,
+        Err(e) => Exclusive::Failed {
+            error: format!("{}: {e}", path.display()),
+        },
+    }
+}
+
+/// The real prober.
+#[derive(Debug, Clone)]
+pub struct BlkidProber {
+    pub wipefs: String,
+    pub timeout: Duration,
+}
+
+impl Default for BlkidProber {
+    fn default() -> Self {
+        BlkidProber {
+            wipefs: "wipefs".into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Prober for BlkidProber {
+    fn probe(&self, dev: &Device) -> Probe {
+        if dev.size_bytes == 0 {
+            return Probe::NotProbed;
+        }
+        let out = Cmd::new(&self.wipefs)
+            .arg("--no-act")
+            .arg("--json")
+            .arg(&dev.devnode)
+            .timeout(self.timeout)
+            .output();
+        let signatures = match out
+            .map_err(|e| e.to_string())
+            .and_then(|t| parse_wipefs(&t).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(error) => return Probe::Failed { error },
+        };
+        let zeroed = if signatures.is_empty() {
+            match ends_are_zero(&dev.devnode, dev.size_bytes) {
+                Ok(z) => Some(z),
+                Err(e) => {
+                    return Probe::Failed {
+                        error: format!("reading {}: {e}", dev.devnode.display()),
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        Probe::Done { signatures, zeroed }
+    }
+
+    fn exclusive(&self, dev: &Device) -> Exclusive {
+        try_exclusive(&dev.devnode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn parses_wipefs_json() {
+        let s = parse_wipefs(include_str!("../../tests/fixtures/wipefs-gpt-ext4.json")).unwrap();
+        let kinds: Vec<&str> = s.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["ext4", "gpt", "gpt", "PMBR"]);
+        assert_eq!(s[0].offset, 0x438);
+        assert_eq!(
+            s[0].uuid.as_deref(),
+            Some("c0cffb20-4165-4e5d-b102-fd88a3caea52")
+        );
+        assert_eq!(s[0].label.as_deref(), Some("disklet"));
+        assert_eq!(s[2].offset, 0x13fffe00);
+        assert_eq!(s[1].uuid, None);
+    }
+
+    #[test]
+    fn empty_output_means_blank() {
+        assert_eq!(parse_wipefs("").unwrap(), vec![]);
+        assert_eq!(
+            parse_wipefs("{\n \"signatures\": [\n\n ]\n}\n").unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn odd_output_is_an_error_not_blank() {
+        assert!(parse_wipefs("garbage").is_err());
+        let e = parse_wipefs(r#"{"signatures":[{"offset":"zz","type":"xfs"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("zz"));
+    }
+
+    #[test]
+    fn zero_check_sees_data_at_either_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let size = 4 * ZERO_CHECK_BYTES;
+        let f = File::create(&p).unwrap();
+        f.set_len(size).unwrap();
+        assert!(ends_are_zero(&p, size).unwrap());
+        f.write_all_at(b"x", size - 1).unwrap();
+        assert!(!ends_are_zero(&p, size).unwrap(), "last byte");
+        f.write_all_at(b"\0", size - 1).unwrap();
+        f.write_all_at(b"x", 17).unwrap();
+        assert!(!ends_are_zero(&p, size).unwrap(), "head");
+        f.write_all_at(b"\0", 17).unwrap();
+        f.write_all_at(b"x", 2 * ZERO_CHECK_BYTES).unwrap();
+        assert!(
+            ends_are_zero(&p, size).unwrap(),
+            "the middle is not checked"
+        );
+        let mut small = File::create(dir.path().join("small")).unwrap();
+        small.write_all(&[0; 100]).unwrap();
+        assert!(ends_are_zero(&dir.path().join("small"), 100).unwrap());
+    }
+}

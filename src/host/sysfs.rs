@@ -1,0 +1,366 @@
+//! Discovery from sysfs, the ground truth, enriched by the udev database
+//! (properties and `/dev/disk/by-*` links) when udevd runs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::host::udevdb::UdevDb;
+use crate::host::{BlockDevices, HostError};
+use crate::model::{DevNo, Device, DeviceKind, UdevState};
+
+/// Real discovery. The roots are configurable so tests can point them at a
+/// fixture tree.
+#[derive(Debug, Clone)]
+pub struct SysfsDevices {
+    /// `/sys`
+    pub sys: PathBuf,
+    /// `/dev`
+    pub dev: PathBuf,
+    pub udev: UdevDb,
+}
+
+impl Default for SysfsDevices {
+    fn default() -> Self {
+        SysfsDevices {
+            sys: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
+            udev: UdevDb::default(),
+        }
+    }
+}
+
+fn read(p: &Path) -> Option<String> {
+    fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn read_flag(p: &Path) -> bool {
+    read(p).is_some_and(|s| s == "1")
+}
+
+fn dir_names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(p)
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The kind of a device from its sysfs directory and kernel name.
+pub fn kind_of(dir: &Path, name: &str) -> DeviceKind {
+    let prefixed = |p: &str| {
+        name.strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    if dir.join("partition").exists() {
+        DeviceKind::Partition
+    } else if dir.join("loop").exists() || prefixed("loop") {
+        DeviceKind::Loop
+    } else if dir.join("dm").exists() || name.starts_with("dm-") {
+        DeviceKind::Dm
+    } else if dir.join("md").exists() || prefixed("md") {
+        DeviceKind::Md
+    } else if prefixed("rbd") {
+        DeviceKind::Rbd
+    } else if prefixed("nbd") {
+        DeviceKind::Nbd
+    } else if prefixed("zram") {
+        DeviceKind::Zram
+    } else if prefixed("ram") {
+        DeviceKind::Ram
+    } else if prefixed("sr") {
+        DeviceKind::Rom
+    } else {
+        DeviceKind::Disk
+    }
+}
+
+impl SysfsDevices {
+    /// Reads one device's facts from its sysfs directory.
+    fn read_device(&self, name: &str) -> Option<Device> {
+        let dir = self.sys.join("class/block").join(name);
+        let devno = DevNo::parse(&read(&dir.join("dev"))?)?;
+        let kind = kind_of(&dir, name);
+        let mut d = Device::new(name, devno, kind);
+        d.devnode = self.dev.join(name);
+        // `size` is always in 512-byte sectors, whatever the logical block size.
+        d.size_bytes = read(&dir.join("size"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .map_or(0, |s| s.saturating_mul(512));
+        d.read_only = read_flag(&dir.join("ro"));
+        d.removable = read_flag(&dir.join("removable"));
+        d.hidden = read_flag(&dir.join("hidden"));
+        d.holders = dir_names(&dir.join("holders"));
+        d.slaves = dir_names(&dir.join("slaves"));
+        d.diskseq = read(&dir.join("diskseq")).and_then(|s| s.parse().ok());
+
+        // A partition's facts about the hardware live on its disk.
+        let hw = if kind == DeviceKind::Partition {
+            let real = fs::canonicalize(&dir).ok()?;
+            let parent_dir = real.parent()?.to_path_buf();
+            d.parent = parent_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
+            parent_dir
+        } else {
+            d.partitions = dir_names(&dir)
+                .into_iter()
+                .filter(|n| dir.join(n).join("partition").exists())
+                .collect();
+            dir.clone()
+        };
+        d.rotational = read(&hw.join("queue/rotational")).map(|s| s == "1");
+        d.model = read(&hw.join("device/model"));
+        d.vendor = read(&hw.join("device/vendor"));
+        d.serial = read(&hw.join("serial")).or_else(|| read(&hw.join("device/serial")));
+        d.wwid = read(&hw.join("wwid")).or_else(|| read(&hw.join("device/wwid")));
+        d.loop_backing_file = read(&dir.join("loop/backing_file")).map(PathBuf::from);
+        Some(d)
+    }
+}
+
+impl BlockDevices for SysfsDevices {
+    fn list(&self) -> Result<Vec<Device>, HostError> {
+        let class = self.sys.join("class/block");
+        let names = fs::read_dir(&class).map_err(|source| HostError::ListDevices {
+            path: class.clone(),
+            source,
+        })?;
+        let mut names: Vec<String> = names
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let udev_active = self.udev.active();
+        let mut out = Vec::new();
+        for name in names {
+            let Some(mut d) = self.read_device(&name) else {
+                continue;
+            };
+            // A loop device with nothing attached is not a disk at all.
+            if d.kind == DeviceKind::Loop && d.size_bytes == 0 && d.loop_backing_file.is_none() {
+                continue;
+            }
+            // Links come only from udevd's record of this very device: the
+            // symlinks under /dev/disk outlive a dead udevd and can name a
+            // device that has since taken over the kernel name.
+            d.udev = if !udev_active {
+                UdevState::NotRunning
+            } else {
+                match self.udev.record(d.devno) {
+                    None => UdevState::NotProcessed,
+                    Some(rec) => {
+                        d.links = rec.links;
+                        UdevState::Processed {
+                            properties: rec.properties,
+                        }
+                    }
+                }
+            };
+            d.links.sort();
+            out.push(d);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A miniature /sys and /dev: one NVMe disk with a partition, a loop with a
+    /// backing file, an unattached loop, and a dm device on the partition.
+    fn fixture() -> (tempfile::TempDir, SysfsDevices) {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let w = |p: &str, s: &str| {
+            let p = root.join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, s).unwrap();
+        };
+        let nv = "sys/devices/pci0000:00/nvme/nvme0/nvme0n1";
+        w(&format!("{nv}/dev"), "259:0\n");
+        w(&format!("{nv}/size"), "2000409264\n");
+        w(&format!("{nv}/ro"), "0\n");
+        w(&format!("{nv}/removable"), "0\n");
+        w(&format!("{nv}/queue/rotational"), "0\n");
+        w(&format!("{nv}/wwid"), "eui.002538b111b22222\n");
+        w(&format!("{nv}/device/model"), "Samsung SSD 980 1TB     \n");
+        w(&format!("{nv}/device/serial"), "S64ANS0T123456\n");
+        w(&format!("{nv}/nvme0n1p1/dev"), "259:1\n");
+        w(&format!("{nv}/nvme0n1p1/size"), "1024\n");
+        w(&format!("{nv}/nvme0n1p1/partition"), "1\n");
+        fs::create_dir_all(root.join(format!("{nv}/nvme0n1p1/holders/dm-0"))).unwrap();
+        let lp = "sys/devices/virtual/block/loop3";
+        w(&format!("{lp}/dev"), "7:3\n");
+        w(&format!("{lp}/size"), "655360\n");
+        w(&format!("{lp}/ro"), "1\n");
+        w(&format!("{lp}/queue/rotational"), "1\n");
+        w(
+            &format!("{lp}/loop/backing_file"),
+            "/tmp/disk with space.img\n",
+        );
+        w(&format!("{lp}/diskseq"), "42\n");
+        let l0 = "sys/devices/virtual/block/loop0";
+        w(&format!("{l0}/dev"), "7:0\n");
+        w(&format!("{l0}/size"), "0\n");
+        let dm = "sys/devices/virtual/block/dm-0";
+        w(&format!("{dm}/dev"), "253:0\n");
+        w(&format!("{dm}/size"), "1024\n");
+        w(&format!("{dm}/dm/name"), "vg-lv\n");
+        fs::create_dir_all(root.join(format!("{dm}/slaves/nvme0n1p1"))).unwrap();
+        fs::create_dir_all(root.join("sys/class/block")).unwrap();
+        for (n, target) in [
+            ("nvme0n1", nv.to_string()),
+            ("nvme0n1p1", format!("{nv}/nvme0n1p1")),
+            ("loop3", lp.to_string()),
+            ("loop0", l0.to_string()),
+            ("dm-0", dm.to_string()),
+        ] {
+            symlink(root.join(target), root.join("sys/class/block").join(n)).unwrap();
+            fs::create_dir_all(root.join("dev")).unwrap();
+            fs::write(root.join("dev").join(n), "").unwrap();
+        }
+        // A stale link, as a dead udevd leaves behind: never trusted.
+        fs::create_dir_all(root.join("dev/disk/by-id")).unwrap();
+        symlink("../../loop3", root.join("dev/disk/by-id/stale")).unwrap();
+        w("run/udev/data/b259:0", "S:disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456\nE:ID_SERIAL=Samsung_SSD_980_1TB_S64ANS0T123456\nE:DISKLET_CLASS=fast\n");
+        w(
+            "run/udev/data/b259:1",
+            "S:disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456-part1\n",
+        );
+        w(
+            "run/udev/data/b253:0",
+            "S:mapper/vg-lv\nS:disk/by-id/dm-name-vg-lv\n",
+        );
+        let s = SysfsDevices {
+            sys: root.join("sys"),
+            dev: root.join("dev"),
+            udev: UdevDb {
+                run_dir: root.join("run/udev"),
+            },
+        };
+        (t, s)
+    }
+
+    /// Makes the fixture's udevd look alive: a listening control socket.
+    fn listen(s: &SysfsDevices) -> std::os::fd::OwnedFd {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        use std::os::fd::AsRawFd;
+        let addr = UnixAddr::new(&s.udev.run_dir.join("control")).unwrap();
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &addr).unwrap();
+        listen(&fd, Backlog::new(4).unwrap()).unwrap();
+        fd
+    }
+
+    #[test]
+    fn without_udevd_no_links_and_no_properties() {
+        let (_t, s) = fixture();
+        let devs = s.list().unwrap();
+        assert!(
+            devs.iter()
+                .all(|d| d.links.is_empty() && d.udev == UdevState::NotRunning),
+            "{devs:#?}"
+        );
+    }
+
+    #[test]
+    fn reads_every_fact_from_sysfs() {
+        let (_t, s) = fixture();
+        let _udevd = listen(&s);
+        let devs = s.list().unwrap();
+        let names: Vec<&str> = devs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["dm-0", "loop3", "nvme0n1", "nvme0n1p1"],
+            "unattached loop0 is skipped"
+        );
+
+        let nv = &devs[2];
+        assert_eq!(nv.kind, DeviceKind::Disk);
+        assert_eq!(nv.size_bytes, 2000409264 * 512);
+        assert_eq!(nv.rotational, Some(false));
+        assert_eq!(nv.model.as_deref(), Some("Samsung SSD 980 1TB"));
+        assert_eq!(nv.serial.as_deref(), Some("S64ANS0T123456"));
+        assert_eq!(nv.wwid.as_deref(), Some("eui.002538b111b22222"));
+        assert_eq!(nv.partitions, ["nvme0n1p1"]);
+        assert_eq!(nv.links.len(), 1);
+        assert_eq!(nv.identity().unwrap(), "wwn:eui.002538b111b22222");
+        assert_eq!(nv.udev_properties().unwrap()["DISKLET_CLASS"], "fast");
+
+        let p = &devs[3];
+        assert_eq!(p.kind, DeviceKind::Partition);
+        assert_eq!(p.parent.as_deref(), Some("nvme0n1"));
+        assert_eq!(p.holders, ["dm-0"]);
+        assert_eq!(p.rotational, Some(false), "inherited from the disk");
+        assert_eq!(p.serial.as_deref(), Some("S64ANS0T123456"));
+
+        let l = &devs[1];
+        assert_eq!(l.kind, DeviceKind::Loop);
+        assert!(l.read_only);
+        assert_eq!(l.diskseq, Some(42));
+        assert_eq!(
+            l.loop_backing_file,
+            Some(PathBuf::from("/tmp/disk with space.img"))
+        );
+        assert_eq!(l.identity().unwrap(), "loop-file:/tmp/disk with space.img");
+        assert_eq!(l.udev, UdevState::NotProcessed, "no record yet");
+        assert!(
+            l.links.is_empty(),
+            "the stale /dev/disk link is not believed"
+        );
+
+        let dm = &devs[0];
+        assert_eq!(dm.kind, DeviceKind::Dm);
+        assert_eq!(dm.slaves, ["nvme0n1p1"]);
+        assert_eq!(dm.links.len(), 2);
+        assert!(dm.links.iter().any(|l| l.ends_with("mapper/vg-lv")));
+    }
+
+    #[test]
+    fn kinds_by_name() {
+        let nowhere = Path::new("/nonexistent");
+        assert_eq!(kind_of(nowhere, "sda"), DeviceKind::Disk);
+        assert_eq!(kind_of(nowhere, "md127"), DeviceKind::Md);
+        assert_eq!(kind_of(nowhere, "mdx"), DeviceKind::Disk);
+        assert_eq!(kind_of(nowhere, "zram0"), DeviceKind::Zram);
+        assert_eq!(kind_of(nowhere, "nbd3"), DeviceKind::Nbd);
+        assert_eq!(kind_of(nowhere, "rbd0"), DeviceKind::Rbd);
+        assert_eq!(kind_of(nowhere, "sr0"), DeviceKind::Rom);
+        assert_eq!(kind_of(nowhere, "ram0"), DeviceKind::Ram);
+        assert_eq!(kind_of(nowhere, "loop12"), DeviceKind::Loop);
+    }
+
+    #[test]
+    fn a_missing_sysfs_is_a_clear_error() {
+        let s = SysfsDevices {
+            sys: "/nonexistent".into(),
+            ..SysfsDevices::default()
+        };
+        let e = s.list().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/class/block"), "{e}");
+    }
+
+    #[test]
+    fn lists_this_machine() {
+        let devs = SysfsDevices::default().list().unwrap();
+        assert!(!devs.is_empty(), "a VM has at least its root disk");
+        assert!(devs.iter().all(|d| d.devnode.starts_with("/dev")));
+    }
+}

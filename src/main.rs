@@ -1,0 +1,112 @@
+//! The `disklet` command line: parses arguments and wires adapters; all logic
+//! lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use disklet::config::{Config, EXIT_CONFIG};
+use disklet::host::{BlkidProber, ProcTables, SysfsDevices};
+use disklet::plan::Classes;
+
+#[derive(Parser)]
+#[command(
+    name = "disklet",
+    version,
+    about = "Turns dedicated local disks into Kubernetes Local PersistentVolumes"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every block device on this node with what disklet would do with it.
+    /// Read-only: probes contents and tries an exclusive open, changes nothing.
+    Scan {
+        /// Config file; without one every device shows as no-class-matches.
+        #[arg(long, env = "DISKLET_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    match path {
+        None => Ok(Config::default()),
+        Some(p) => Config::load(p).map_err(|e| {
+            eprintln!("disklet: {e}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Scan { config, output } => {
+            let cfg = match load_config(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match run_scan(&cfg, output) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("disklet scan: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run_scan(cfg: &Config, output: Output) -> anyhow::Result<()> {
+    let classes = Classes::compile(cfg)?;
+    let tables = ProcTables::new(&cfg.mount_info);
+    let rows = disklet::scan::scan(
+        cfg,
+        &classes,
+        &SysfsDevices::default(),
+        &BlkidProber::default(),
+        &tables,
+    )?;
+    let text = match output {
+        Output::Table => disklet::scan::render_table(&rows),
+        Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
+        Output::Yaml => serde_yaml::to_string(&rows)?,
+    };
+    print!("{text}");
+    Ok(())
+}

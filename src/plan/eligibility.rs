@@ -1,0 +1,468 @@
+//! Is this device ours, blank and eligible, or why not.
+//!
+//! `evaluate` is a pure function of the observed device, the node's inventory
+//! and the config. It returns `Eligible` only when every safety condition of
+//! DESIGN.md §3.1 holds; every other outcome carries a reason code.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::model::{
+    format_bytes, Device, DeviceKind, Exclusive, Inventory, Probe, Signature, SignatureKind,
+    UdevState, OWNER_LABEL,
+};
+use crate::plan::selector::{Classes, CompiledClass};
+
+/// Why a device is refused. The kebab-case names are a stable interface: they
+/// appear in `disklet scan`, Events and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// No class selector names the device: disklet never touches it.
+    NoClassMatches,
+    /// A partition, and the class does not list `part` in `types`.
+    Partition,
+    /// A loop/dm/md/rbd/nbd/zram/ram/rom device whose kind the class does not list.
+    TypeNotAllowed,
+    Hidden,
+    ReadOnly,
+    Removable,
+    /// Holds `/`, `/boot`, `/boot/efi`, the kubelet dir or disklet's hostDir.
+    OsDisk,
+    HasHolders,
+    HasPartitions,
+    /// Active swap on the device or one of its partitions.
+    Swap,
+    Mounted,
+    /// Our probe could not read the device, so nothing is known about its contents.
+    ProbeFailed,
+    PartitionTable,
+    ForeignFilesystem,
+    /// No known signature, but the first or last MiB holds data.
+    UnknownData,
+    TooSmall,
+    TooLarge,
+    /// The kernel refused an exclusive open: somebody is using the device.
+    Busy,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 18] = [
+        Reason::NoClassMatches,
+        Reason::Partition,
+        Reason::TypeNotAllowed,
+        Reason::Hidden,
+        Reason::ReadOnly,
+        Reason::Removable,
+        Reason::OsDisk,
+        Reason::HasHolders,
+        Reason::HasPartitions,
+        Reason::Swap,
+        Reason::Mounted,
+        Reason::ProbeFailed,
+        Reason::PartitionTable,
+        Reason::ForeignFilesystem,
+        Reason::UnknownData,
+        Reason::TooSmall,
+        Reason::TooLarge,
+        Reason::Busy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoClassMatches => "no-class-matches",
+            Reason::Partition => "partition",
+            Reason::TypeNotAllowed => "type-not-allowed",
+            Reason::Hidden => "hidden",
+            Reason::ReadOnly => "read-only",
+            Reason::Removable => "removable",
+            Reason::OsDisk => "os-disk",
+            Reason::HasHolders => "has-holders",
+            Reason::HasPartitions => "has-partitions",
+            Reason::Swap => "swap",
+            Reason::Mounted => "mounted",
+            Reason::ProbeFailed => "probe-failed",
+            Reason::PartitionTable => "partition-table",
+            Reason::ForeignFilesystem => "foreign-filesystem",
+            Reason::UnknownData => "unknown-data",
+            Reason::TooSmall => "too-small",
+            Reason::TooLarge => "too-large",
+            Reason::Busy => "busy",
+        }
+    }
+}
+
+/// Why a device is not decided yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PendingReason {
+    /// udevd runs but has not written its record for the device yet.
+    UdevNotProcessed,
+    /// The device has not been stable for the class's `settleSeconds`.
+    Settling,
+    /// Everything else qualifies; the exclusive-open test has not been made.
+    ExclusiveNotChecked,
+}
+
+impl PendingReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingReason::UdevNotProcessed => "udev-not-processed",
+            PendingReason::Settling => "settling",
+            PendingReason::ExclusiveNotChecked => "exclusive-not-checked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Blank, dedicated and unused: disklet may format it.
+    Eligible,
+    /// Carries a disklet-owned filesystem: adopt and mount, never reformat.
+    Ours {
+        fs_type: String,
+        uuid: Option<String>,
+    },
+    Pending {
+        reason: PendingReason,
+    },
+    Refused {
+        reason: Reason,
+    },
+}
+
+impl Verdict {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Eligible => "eligible",
+            Verdict::Ours { .. } => "ours",
+            Verdict::Pending { .. } => "pending",
+            Verdict::Refused { .. } => "refused",
+        }
+    }
+
+    pub fn reason_code(&self) -> Option<&'static str> {
+        match self {
+            Verdict::Refused { reason } => Some(reason.as_str()),
+            Verdict::Pending { reason } => Some(reason.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn refused(&self) -> Option<Reason> {
+        match self {
+            Verdict::Refused { reason } => Some(*reason),
+            _ => None,
+        }
+    }
+}
+
+/// The verdict, the class that named the device, and a human detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub class: Option<String>,
+    pub verdict: Verdict,
+    pub detail: Option<String>,
+}
+
+/// Node-wide facts computed once per inventory.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    /// Kernel names of devices under `/`, `/boot`, `/boot/efi`, the kubelet dir
+    /// and the hostDir, with what each one holds.
+    os_devices: Vec<(String, PathBuf)>,
+    host_dir: PathBuf,
+    kubelet_dir: PathBuf,
+}
+
+impl NodeFacts {
+    pub fn new(inv: &Inventory, host_dir: &Path, kubelet_dir: &Path) -> Self {
+        let mut os_devices = Vec::new();
+        for p in [
+            Path::new("/"),
+            Path::new("/boot"),
+            Path::new("/boot/efi"),
+            kubelet_dir,
+            host_dir,
+        ] {
+            for name in inv.devices_under_paths(&[p.to_path_buf()]) {
+                if !os_devices.iter().any(|(n, _)| *n == name) {
+                    os_devices.push((name, p.to_path_buf()));
+                }
+            }
+        }
+        NodeFacts {
+            os_devices,
+            host_dir: host_dir.to_path_buf(),
+            kubelet_dir: kubelet_dir.to_path_buf(),
+        }
+    }
+}
+
+fn refuse(class: &CompiledClass, reason: Reason, detail: impl Into<String>) -> Decision {
+    Decision {
+        class: Some(class.class.name.clone()),
+        verdict: Verdict::Refused { reason },
+        detail: Some(detail.into()),
+    }
+}
+
+fn pending(
+    class: Option<&CompiledClass>,
+    reason: PendingReason,
+    detail: impl Into<String>,
+) -> Decision {
+    Decision {
+        class: class.map(|c| c.class.name.clone()),
+        verdict: Verdict::Pending { reason },
+        detail: Some(detail.into()),
+    }
+}
+
+fn describe(sig: &Signature) -> String {
+    let mut s = sig.kind.clone();
+    if let Some(l) = &sig.label {
+        s.push_str(&format!(" label={l:?}"));
+    }
+    if let Some(u) = &sig.uuid {
+        s.push_str(&format!(" uuid={u}"));
+    }
+    s
+}
+
+/// Whether the signatures are exactly one disklet-owned filesystem.
+pub fn ownership(sigs: &[Signature]) -> Option<&Signature> {
+    match sigs {
+        [s] if (s.kind == "xfs" || s.kind == "ext4") && s.label.as_deref() == Some(OWNER_LABEL) => {
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+/// Decides one device. `stable_for` is how long the device has looked the
+/// same; `None` means the caller does not track it (a one-shot scan), and the
+/// settle time is then not applied.
+pub fn evaluate(
+    dev: &Device,
+    inv: &Inventory,
+    classes: &Classes,
+    facts: &NodeFacts,
+    stable_for: Option<Duration>,
+) -> Decision {
+    // Until udevd has processed the device, its links and properties are
+    // unknown, so no selector can be judged (with no classes, nothing can match).
+    if dev.udev == UdevState::NotProcessed && !classes.classes.is_empty() {
+        return pending(
+            None,
+            PendingReason::UdevNotProcessed,
+            "udevd has not processed the device yet",
+        );
+    }
+    let Some(class) = classes.matching(dev) else {
+        return Decision {
+            class: None,
+            verdict: Verdict::Refused {
+                reason: Reason::NoClassMatches,
+            },
+            detail: None,
+        };
+    };
+    let sel = &class.class.selector;
+
+    if !sel.types.contains(&dev.kind) {
+        return if dev.kind == DeviceKind::Partition {
+            refuse(
+                class,
+                Reason::Partition,
+                format!(
+                    "partition of {}; add `part` to types to accept partitions",
+                    dev.parent.as_deref().unwrap_or("?")
+                ),
+            )
+        } else {
+            refuse(
+                class,
+                Reason::TypeNotAllowed,
+                format!(
+                    "{} device; the class accepts {}",
+                    dev.kind,
+                    kinds(&sel.types)
+                ),
+            )
+        };
+    }
+    if dev.hidden {
+        return refuse(class, Reason::Hidden, "the kernel marks the device hidden");
+    }
+    if dev.read_only {
+        return refuse(class, Reason::ReadOnly, "the device is read-only");
+    }
+    if dev.removable && !sel.removable {
+        return refuse(
+            class,
+            Reason::Removable,
+            "removable media; set selector.removable: true to accept",
+        );
+    }
+    if let Some((_, what)) = facts.os_devices.iter().find(|(n, _)| *n == dev.name) {
+        return refuse(class, Reason::OsDisk, format!("holds {}", what.display()));
+    }
+    if !dev.holders.is_empty() {
+        return refuse(
+            class,
+            Reason::HasHolders,
+            format!("in use by {}", dev.holders.join(", ")),
+        );
+    }
+    if !dev.partitions.is_empty() {
+        return refuse(
+            class,
+            Reason::HasPartitions,
+            format!("has partitions {}", dev.partitions.join(", ")),
+        );
+    }
+    if let Some(s) = inv.swaps_of(dev).next() {
+        return refuse(
+            class,
+            Reason::Swap,
+            format!("active swap {}", s.path.display()),
+        );
+    }
+
+    let sigs = match &dev.probe {
+        Probe::Done { signatures, .. } => signatures.as_slice(),
+        Probe::NotProbed => return refuse(class, Reason::ProbeFailed, "contents not probed"),
+        Probe::Failed { error } => return refuse(class, Reason::ProbeFailed, error.clone()),
+    };
+    let owned = ownership(sigs);
+
+    // Our own mounts (under hostDir) and kubelet's bind mounts of our volumes
+    // are expected for a disk that is ours; any other mount is not.
+    let foreign_mount = inv.mounts_of(dev).find(|m| {
+        owned.is_none()
+            || !(m.mount_point.starts_with(&facts.host_dir)
+                || m.mount_point.starts_with(&facts.kubelet_dir))
+    });
+    if let Some(m) = foreign_mount {
+        return refuse(
+            class,
+            Reason::Mounted,
+            format!("mounted at {}", m.mount_point.display()),
+        );
+    }
+    let mounted_by_us = owned.is_some() && inv.mounts_of(dev).next().is_some();
+
+    if owned.is_none() {
+        if let Some(pt) = sigs
+            .iter()
+            .find(|s| s.class() == SignatureKind::PartitionTable)
+        {
+            // A protective MBR is only the shadow of a GPT: name the GPT.
+            let name = sigs
+                .iter()
+                .find(|s| s.kind == "gpt")
+                .unwrap_or(pt)
+                .kind
+                .clone();
+            return refuse(class, Reason::PartitionTable, name);
+        }
+        if let Some(first) = sigs.first() {
+            return refuse(class, Reason::ForeignFilesystem, describe(first));
+        }
+        if let Some(min) = sel.min_size {
+            if dev.size_bytes < min.0 {
+                return refuse(
+                    class,
+                    Reason::TooSmall,
+                    format!("{} < minSize {}", format_bytes(dev.size_bytes), min),
+                );
+            }
+        }
+        if let Some(max) = sel.max_size {
+            if dev.size_bytes > max.0 {
+                return refuse(
+                    class,
+                    Reason::TooLarge,
+                    format!("{} > maxSize {}", format_bytes(dev.size_bytes), max),
+                );
+            }
+        }
+        if class.class.blank_check == crate::config::BlankCheck::Zeroed {
+            if let Probe::Done { zeroed: z, .. } = &dev.probe {
+                if *z != Some(true) {
+                    return refuse(class, Reason::UnknownData, "no known signature, but the first or last MiB is not zero; zero them (blkdiscard) if the disk is free, or set blankCheck: signatures");
+                }
+            }
+        }
+    }
+
+    if !mounted_by_us {
+        match &dev.exclusive {
+            Exclusive::Free => {}
+            Exclusive::NotChecked => {
+                return pending(
+                    Some(class),
+                    PendingReason::ExclusiveNotChecked,
+                    "exclusive open not tried yet",
+                )
+            }
+            Exclusive::Busy => {
+                return refuse(
+                    class,
+                    Reason::Busy,
+                    "exclusive open refused (EBUSY): another user holds the device",
+                )
+            }
+            Exclusive::Failed { error } => {
+                return refuse(
+                    class,
+                    Reason::Busy,
+                    format!("exclusive open failed: {error}"),
+                )
+            }
+        }
+    }
+
+    let settle = Duration::from_secs(class.class.settle_seconds);
+    if let Some(age) = stable_for {
+        if age < settle {
+            return pending(
+                Some(class),
+                PendingReason::Settling,
+                format!(
+                    "stable for {:.1}s of {}s",
+                    age.as_secs_f64(),
+                    settle.as_secs()
+                ),
+            );
+        }
+    }
+
+    match owned {
+        Some(s) => Decision {
+            class: Some(class.class.name.clone()),
+            verdict: Verdict::Ours {
+                fs_type: s.kind.clone(),
+                uuid: s.uuid.clone(),
+            },
+            detail: Some(if mounted_by_us {
+                "mounted by disklet".into()
+            } else {
+                "disklet filesystem, not mounted".into()
+            }),
+        },
+        None => Decision {
+            class: Some(class.class.name.clone()),
+            verdict: Verdict::Eligible,
+            detail: None,
+        },
+    }
+}
+
+fn kinds(k: &[DeviceKind]) -> String {
+    k.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+}

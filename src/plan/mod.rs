@@ -1,0 +1,7 @@
+//! Pure decisions over observed data. Nothing in here does I/O.
+
+pub mod eligibility;
+pub mod selector;
+
+pub use eligibility::{evaluate, Decision, NodeFacts, PendingReason, Reason, Verdict};
+pub use selector::{Classes, CompiledClass};

@@ -1,0 +1,302 @@
+//! `disklet scan`: observe every block device, decide each one, report.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::host::{BlockDevices, HostError, HostTables, Prober};
+use crate::model::{format_bytes, Device, Inventory, Signature, UdevState};
+use crate::plan::{evaluate, Classes, Decision, NodeFacts, PendingReason, Verdict};
+
+/// One device in the report. The JSON field names are a stable interface.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub device: PathBuf,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size_bytes: u64,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    pub wwid: Option<String>,
+    /// The most stable identity known (`wwn:`, `serial:`, `by-id:`, `loop-file:`).
+    pub identity: Option<String>,
+    pub links: Vec<PathBuf>,
+    pub class: Option<String>,
+    pub verdict: &'static str,
+    pub reason: Option<&'static str>,
+    pub detail: Option<String>,
+    /// The first signature found (`ext4`, `gpt`, ...), null when blank.
+    pub signature: Option<String>,
+    pub signatures: Vec<Signature>,
+    /// Why the contents could not be probed, if they could not.
+    pub probe_error: Option<String>,
+    /// `not-running`, `not-processed` or `processed`.
+    pub udev: &'static str,
+}
+
+impl Row {
+    fn new(d: &Device, decision: &Decision) -> Row {
+        Row {
+            device: d.devnode.clone(),
+            name: d.name.clone(),
+            kind: d.kind.as_str().into(),
+            size_bytes: d.size_bytes,
+            model: d.model.clone(),
+            serial: d.serial.clone().or_else(|| {
+                d.udev_properties()
+                    .and_then(|p| p.get("ID_SERIAL").cloned())
+            }),
+            wwid: d.wwid.clone(),
+            identity: d.identity(),
+            links: d.links.clone(),
+            class: decision.class.clone(),
+            verdict: decision.verdict.name(),
+            reason: decision.verdict.reason_code(),
+            detail: decision.detail.clone(),
+            signature: d.signatures().first().map(|s| s.kind.clone()),
+            signatures: d.signatures().to_vec(),
+            probe_error: match &d.probe {
+                crate::model::Probe::Failed { error } => Some(error.clone()),
+                _ => None,
+            },
+            udev: match d.udev {
+                UdevState::NotRunning => "not-running",
+                UdevState::NotProcessed => "not-processed",
+                UdevState::Processed { .. } => "processed",
+            },
+        }
+    }
+}
+
+/// Observes the node: devices with their contents probed, mounts, swaps.
+/// Probes run on a few threads (each is a short `wipefs` plus two 1 MiB reads).
+pub fn observe(
+    devices: &dyn BlockDevices,
+    prober: &dyn Prober,
+    tables: &dyn HostTables,
+) -> Result<Inventory, HostError> {
+    let mut devs = devices.list()?;
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+        * 2;
+    let chunk = devs.len().div_ceil(workers).max(1);
+    std::thread::scope(|s| {
+        for part in devs.chunks_mut(chunk) {
+            s.spawn(move || {
+                for d in part {
+                    d.probe = prober.probe(d);
+                }
+            });
+        }
+    });
+    Ok(Inventory {
+        devices: devs,
+        mounts: tables.mounts()?,
+        swaps: tables.swaps()?,
+    })
+}
+
+/// Decides every device. The exclusive-open test is made only for devices
+/// that pass every other check, so disklet never opens a device it has no
+/// business with.
+pub fn decide_all(
+    inv: &mut Inventory,
+    cfg: &Config,
+    classes: &Classes,
+    prober: &dyn Prober,
+) -> Vec<Decision> {
+    let facts = NodeFacts::new(inv, &cfg.host_dir, &cfg.kubelet_dir);
+    let mut out = Vec::with_capacity(inv.devices.len());
+    for i in 0..inv.devices.len() {
+        let mut d = evaluate(&inv.devices[i], inv, classes, &facts, None);
+        if d.verdict
+            == (Verdict::Pending {
+                reason: PendingReason::ExclusiveNotChecked,
+            })
+        {
+            let ex = prober.exclusive(&inv.devices[i]);
+            inv.devices[i].exclusive = ex;
+            d = evaluate(&inv.devices[i], inv, classes, &facts, None);
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// The whole scan.
+pub fn scan(
+    cfg: &Config,
+    classes: &Classes,
+    devices: &dyn BlockDevices,
+    prober: &dyn Prober,
+    tables: &dyn HostTables,
+) -> Result<Vec<Row>, HostError> {
+    let mut inv = observe(devices, prober, tables)?;
+    let decisions = decide_all(&mut inv, cfg, classes, prober);
+    Ok(inv
+        .devices
+        .iter()
+        .zip(&decisions)
+        .map(|(d, dec)| Row::new(d, dec))
+        .collect())
+}
+
+/// The table an admin reads before rolling out.
+pub fn render_table(rows: &[Row]) -> String {
+    let header = [
+        "DEVICE",
+        "TYPE",
+        "SIZE",
+        "MODEL/SERIAL",
+        "IDENTITY",
+        "SIGNATURE",
+        "CLASS",
+        "VERDICT",
+        "REASON",
+        "DETAIL",
+    ];
+    let cells: Vec<[String; 10]> = rows
+        .iter()
+        .map(|r| {
+            let ms = match (&r.model, &r.serial) {
+                (Some(m), Some(s)) => format!("{m}/{s}"),
+                (Some(m), None) => m.clone(),
+                (None, Some(s)) => s.clone(),
+                (None, None) => "-".into(),
+            };
+            [
+                r.device.display().to_string(),
+                r.kind.clone(),
+                format_bytes(r.size_bytes),
+                ms,
+                r.identity.clone().unwrap_or_else(|| "-".into()),
+                match (&r.signature, &r.probe_error) {
+                    (Some(s), _) => s.clone(),
+                    (None, Some(_)) => "(unreadable)".into(),
+                    (None, None) => "-".into(),
+                },
+                r.class.clone().unwrap_or_else(|| "-".into()),
+                r.verdict.to_string(),
+                r.reason.unwrap_or("-").to_string(),
+                r.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .map(|row| row.map(|c| sanitize(&c)))
+        .collect();
+    let mut width = header.map(str::len);
+    for row in &cells {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cols: &[String], out: &mut String| {
+        let last = cols.len() - 1;
+        for (i, c) in cols.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        let trimmed = out.trim_end().len();
+        out.truncate(trimmed);
+        out.push('\n');
+    };
+    line(&header.map(String::from), &mut out);
+    for row in &cells {
+        line(row, &mut out);
+    }
+    out
+}
+
+/// Keeps a table cell on one line whatever a device reports.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::{FakeDevices, FakeProber, FakeTables, ProberCall};
+    use crate::model::{DevNo, DeviceKind, Exclusive, Probe};
+
+    fn dev(name: &str, minor: u32) -> Device {
+        let mut d = Device::new(name, DevNo::new(7, minor), DeviceKind::Loop);
+        d.size_bytes = 1 << 30;
+        d
+    }
+
+    #[test]
+    fn exclusive_open_only_for_devices_that_pass_everything_else() {
+        let cfg = Config::parse(
+            "classes: [{name: a, selector: {paths: [/dev/loop1, /dev/loop2], types: [loop]}}]",
+        )
+        .unwrap();
+        let classes = Classes::compile(&cfg).unwrap();
+        let prober = FakeProber {
+            probes: [(
+                "loop2".to_string(),
+                Probe::Done {
+                    signatures: vec![Signature {
+                        kind: "xfs".into(),
+                        offset: 0,
+                        uuid: None,
+                        label: None,
+                    }],
+                    zeroed: None,
+                },
+            )]
+            .into(),
+            exclusive: [("loop1".to_string(), Exclusive::Busy)].into(),
+            ..FakeProber::default()
+        };
+        let devices = FakeDevices(vec![dev("loop0", 0), dev("loop1", 1), dev("loop2", 2)]);
+        let rows = scan(&cfg, &classes, &devices, &prober, &FakeTables::default()).unwrap();
+        let got: Vec<(&str, &str, Option<&str>)> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.verdict, r.reason))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("loop0", "refused", Some("no-class-matches")),
+                ("loop1", "refused", Some("busy")),
+                ("loop2", "refused", Some("foreign-filesystem")),
+            ]
+        );
+        let ex: Vec<ProberCall> = prober
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, ProberCall::Exclusive(_)))
+            .collect();
+        assert_eq!(ex, [ProberCall::Exclusive("loop1".into())]);
+        assert_eq!(rows[2].signature.as_deref(), Some("xfs"));
+    }
+
+    #[test]
+    fn table_has_a_row_per_device_and_survives_hostile_strings() {
+        let cfg = Config::default();
+        let classes = Classes::compile(&cfg).unwrap();
+        let mut d = dev("loop0", 0);
+        d.model = Some("evil\nmodel\x1b[31m".into());
+        let rows = scan(
+            &cfg,
+            &classes,
+            &FakeDevices(vec![d, dev("loop1", 1)]),
+            &FakeProber::default(),
+            &FakeTables::default(),
+        )
+        .unwrap();
+        let t = render_table(&rows);
+        assert_eq!(t.lines().count(), 3, "{t}");
+        assert!(t.lines().next().unwrap().starts_with("DEVICE"));
+        assert!(t.contains("evil?model?[31m"), "{t}");
+        assert!(t.contains("no-class-matches"));
+    }
+}

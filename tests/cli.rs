@@ -1,0 +1,88 @@
+//! The `disklet` binary as an admin runs it.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+fn disklet(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_disklet"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn scan_without_config_lists_every_device_as_unclaimed() {
+    let out = disklet(&["scan", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let sys = std::fs::read_dir("/sys/class/block").unwrap().count();
+    assert!(
+        !rows.is_empty() && rows.len() <= sys,
+        "{} rows, {sys} in sysfs",
+        rows.len()
+    );
+    for r in &rows {
+        assert_eq!(r["verdict"], "refused", "{r}");
+        assert_eq!(r["reason"], "no-class-matches", "{r}");
+        assert!(r["class"].is_null());
+        for key in ["device", "size_bytes", "signature"] {
+            assert!(r.get(key).is_some(), "{key} missing in {r}");
+        }
+    }
+}
+
+#[test]
+fn scan_table_and_yaml_render() {
+    let out = disklet(&["scan"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("DEVICE"), "{text}");
+    let yaml = disklet(&["scan", "-o", "yaml"]);
+    let rows: Vec<serde_yaml::Value> = serde_yaml::from_slice(&yaml.stdout).unwrap();
+    assert_eq!(
+        rows.len(),
+        text.lines().count() - 1,
+        "one table line per device"
+    );
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "classes:\n  - name: fast\n    selector: {paths: [/dev/sdz], minSize: 10GB}\n",
+    )
+    .unwrap();
+    let out = disklet(&["scan", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("classes[0].selector.minSize") && err.contains(cfg.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing is scanned with a bad config"
+    );
+
+    let out = disklet(&[
+        "scan",
+        "--config",
+        dir.path().join("missing.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
+
+    let out = disklet(&["scan", "--output", "xml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "bad flags are config errors too"
+    );
+}
