@@ -25,8 +25,19 @@ pub struct Config {
     /// is the host's even when disklet runs in a container.
     #[serde(default = "default_mount_info")]
     pub mount_info: PathBuf,
+    /// Node labels copied into every PV's node affinity besides
+    /// `kubernetes.io/hostname`, e.g. `topology.kubernetes.io/zone`.
+    #[serde(default)]
+    pub topology_keys: Vec<String>,
+    /// Full reconcile at least this often, whatever the events say.
+    #[serde(default = "default_resync")]
+    pub resync_seconds: u64,
     #[serde(default)]
     pub classes: Vec<Class>,
+}
+
+fn default_resync() -> u64 {
+    60
 }
 
 fn default_host_dir() -> PathBuf {
@@ -45,6 +56,8 @@ impl Default for Config {
             host_dir: default_host_dir(),
             kubelet_dir: default_kubelet_dir(),
             mount_info: default_mount_info(),
+            topology_keys: Vec::new(),
+            resync_seconds: default_resync(),
             classes: Vec::new(),
         }
     }
@@ -66,6 +79,14 @@ pub enum FsType {
 }
 
 impl FsType {
+    /// The smallest device mkfs accepts (mkfs.xfs refuses under 300 MB).
+    pub fn min_size(self) -> u64 {
+        match self {
+            FsType::Xfs => 300 << 20,
+            FsType::Ext4 => 16 << 20,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FsType::Xfs => "xfs",
@@ -103,9 +124,23 @@ pub struct Class {
     pub settle_seconds: u64,
     #[serde(default)]
     pub blank_check: BlankCheck,
+    /// Which disks are dedicated to the class. May be omitted only by a class
+    /// that publishes discovery dirs alone.
+    #[serde(default)]
     pub selector: Selector,
+    /// Static-provisioner style directories: each first-level entry that is a
+    /// mount point (Filesystem) or a symlink to a block device (Block) is
+    /// published as is, never formatted.
     #[serde(default)]
     pub discovery_dirs: Vec<PathBuf>,
+    /// Options for disklet's own mount of the disks it formats.
+    #[serde(default)]
+    pub mount_options: Vec<String>,
+    /// Publish blank disks raw with `spec.local.fsType` set, so that kubelet
+    /// formats them on first use (as the static provisioner can), instead of
+    /// formatting them here.
+    #[serde(default)]
+    pub publish_fs_type: bool,
 }
 
 fn default_settle() -> u64 {
@@ -119,7 +154,7 @@ impl Class {
 }
 
 /// Which disks the admin dedicates to a class. All given fields must match.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selector {
     /// Globs on the device node and all its `/dev/disk/by-*` links; `*` does not
@@ -129,6 +164,10 @@ pub struct Selector {
     /// Globs on udev properties (requires udevd).
     #[serde(default)]
     pub udev: BTreeMap<String, String>,
+    /// Globs on the backing file of loop devices (loop-backed test and lab
+    /// setups); needs `loop` in `types`.
+    #[serde(default)]
+    pub backing_files: Vec<String>,
     /// Device kinds accepted; `disk` only by default.
     #[serde(default = "default_types")]
     pub types: Vec<DeviceKind>,
@@ -141,6 +180,29 @@ pub struct Selector {
     /// Accept removable devices (refused by default).
     #[serde(default)]
     pub removable: bool,
+}
+
+impl Selector {
+    /// True when no field names a disk (types, sizes and rotational only
+    /// narrow a selection, they never make one).
+    pub fn names_nothing(&self) -> bool {
+        self.paths.is_empty() && self.udev.is_empty() && self.backing_files.is_empty()
+    }
+}
+
+impl Default for Selector {
+    fn default() -> Self {
+        Selector {
+            paths: Vec::new(),
+            udev: BTreeMap::new(),
+            backing_files: Vec::new(),
+            types: default_types(),
+            min_size: None,
+            max_size: None,
+            rotational: None,
+            removable: false,
+        }
+    }
 }
 
 fn default_types() -> Vec<DeviceKind> {
@@ -248,6 +310,20 @@ impl Config {
                 );
             }
         }
+        if self.resync_seconds == 0 || self.resync_seconds > 86400 {
+            bad(
+                "resyncSeconds".into(),
+                format!("{} is out of range; use 1..86400", self.resync_seconds),
+            );
+        }
+        for (i, k) in self.topology_keys.iter().enumerate() {
+            if k.is_empty() || k.contains(char::is_whitespace) {
+                bad(
+                    format!("topologyKeys[{i}]"),
+                    format!("{k:?} is not a label key"),
+                );
+            }
+        }
         let mut names = BTreeSet::new();
         for (i, c) in self.classes.iter().enumerate() {
             let k = |field: &str| format!("classes[{i}].{field}");
@@ -271,6 +347,12 @@ impl Config {
                     bad(k("storageClassName"), format!("{sc:?} {why}"));
                 }
             }
+            if c.publish_fs_type && c.volume_mode == VolumeMode::Block {
+                bad(
+                    k("publishFsType"),
+                    "only applies to volumeMode: Filesystem".into(),
+                );
+            }
             if c.settle_seconds > 3600 {
                 bad(
                     k("settleSeconds"),
@@ -278,11 +360,24 @@ impl Config {
                 );
             }
             let s = &c.selector;
-            if s.paths.is_empty() && s.udev.is_empty() {
+            if s.names_nothing() && c.discovery_dirs.is_empty() {
                 bad(
                     k("selector"),
-                    "names no disks: give `paths` or `udev` so that only disks you dedicated to disklet can match (disklet formats what matches)".into(),
+                    "names no disks: give `paths`, `udev` or `backingFiles` so that only disks you dedicated to disklet can match (disklet formats what matches), or `discoveryDirs`".into(),
                 );
+            }
+            for (j, g) in s.backing_files.iter().enumerate() {
+                if !g.starts_with('/') {
+                    bad(
+                        k(&format!("selector.backingFiles[{j}]")),
+                        format!("{g:?} must be an absolute path glob"),
+                    );
+                } else if let Err(e) = globset::Glob::new(g) {
+                    bad(
+                        k(&format!("selector.backingFiles[{j}]")),
+                        format!("bad glob {g:?}: {e}"),
+                    );
+                }
             }
             for (j, g) in s.paths.iter().enumerate() {
                 if !g.starts_with("/dev/") {
@@ -486,11 +581,11 @@ classes:
     storageClassName: "Local Fast"
     settleSeconds: 99999
     selector: {types: [], minSize: 2Gi, maxSize: 1Gi}
-    discoveryDirs: [mnt/disks]
   - name: ok
     selector: {paths: ["sda", "/dev/[sd"], udev: {ID_MODEL: "[x"}}
   - name: ok
     selector: {paths: [/dev/sdb]}
+    discoveryDirs: [mnt/disks]
 "#;
         let keys: Vec<String> = problems(text).into_iter().map(|p| p.key).collect();
         for want in [
@@ -501,7 +596,7 @@ classes:
             "classes[0].selector",
             "classes[0].selector.types",
             "classes[0].selector.minSize",
-            "classes[0].discoveryDirs[0]",
+            "classes[2].discoveryDirs[0]",
             "classes[1].selector.paths[0]",
             "classes[1].selector.paths[1]",
             "classes[1].selector.udev.ID_MODEL",

@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod host;
+pub mod k8s;
 pub mod model;
 pub mod plan;
+pub mod reconcile;
 pub mod scan;

@@ -48,6 +48,15 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Run the agent: format eligible disks, mount them, publish Local PVs.
+    /// Kubeconfig from the standard places (in-cluster, KUBECONFIG, ~/.kube/config).
+    Run {
+        #[arg(long, env = "DISKLET_CONFIG")]
+        config: PathBuf,
+        /// This node's name (spec.nodeName in the DaemonSet).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -88,6 +97,55 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Run { config, node_name } => {
+            let cfg = match load_config(Some(&config)) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match run_agent(cfg, node_name) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("disklet run: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run_agent(cfg: Config, node_name: String) -> anyhow::Result<()> {
+    let classes = Classes::compile(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let kube = disklet::k8s::client::Kube::connect(&node_name).await?;
+        let agent = disklet::reconcile::Agent::new(
+            cfg,
+            classes,
+            kube,
+            Box::new(disklet::host::format::MkfsFormatter::default()),
+            Box::new(disklet::host::mounter::SysMounter),
+        );
+        tracing::info!(node = node_name, "disklet agent starting");
+        agent.run(shutdown_signal()).await?;
+        tracing::info!("disklet agent stopped; mounts are left in place for the pods using them");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -112,7 +112,16 @@ impl Cmd {
             Err(CmdError::Failed {
                 cmd,
                 status: status.to_string(),
-                stderr: err.trim().chars().take(2000).collect(),
+                // The first lines say what went wrong; usage texts follow.
+                stderr: err
+                    .trim()
+                    .lines()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+                    .chars()
+                    .take(500)
+                    .collect(),
             })
         }
     }

@@ -2,7 +2,11 @@
 //! real implementation and a recording fake (`fake`).
 
 pub mod cmd;
+pub mod dirs;
+pub mod events;
 pub mod fake;
+pub mod format;
+pub mod mounter;
 pub mod mountinfo;
 pub mod probe;
 pub mod sysfs;

@@ -7,9 +7,13 @@
 pub mod device;
 pub mod mount;
 pub mod quantity;
+pub mod volume;
 
 pub use device::{
     DevNo, Device, DeviceKind, Exclusive, Probe, Signature, SignatureKind, UdevState, OWNER_LABEL,
 };
 pub use mount::{Inventory, MountEntry, SwapEntry};
 pub use quantity::{format_bytes, Quantity};
+pub use volume::{
+    DirEntry, DirEntryKind, Fingerprint, MountFact, NodeInfo, ScInfo, Volume, HOSTNAME_LABEL,
+};

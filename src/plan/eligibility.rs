@@ -373,6 +373,21 @@ pub fn evaluate(
         if let Some(first) = sigs.first() {
             return refuse(class, Reason::ForeignFilesystem, describe(first));
         }
+        let fs_min = class.class.fs_type.min_size();
+        let formats = class.class.volume_mode == crate::config::VolumeMode::Filesystem
+            && !class.class.publish_fs_type;
+        if formats && dev.size_bytes < fs_min {
+            return refuse(
+                class,
+                Reason::TooSmall,
+                format!(
+                    "{} < {} ({} needs at least that)",
+                    format_bytes(dev.size_bytes),
+                    format_bytes(fs_min),
+                    class.class.fs_type.as_str()
+                ),
+            );
+        }
         if let Some(min) = sel.min_size {
             if dev.size_bytes < min.0 {
                 return refuse(
@@ -427,8 +442,9 @@ pub fn evaluate(
         }
     }
 
+    // Settling guards destructive steps; mounting a disk that is ours is not one.
     let settle = Duration::from_secs(class.class.settle_seconds);
-    if let Some(age) = stable_for {
+    if let (Some(age), None) = (stable_for, owned) {
         if age < settle {
             return pending(
                 Some(class),

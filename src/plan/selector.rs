@@ -11,6 +11,7 @@ pub struct CompiledClass {
     pub class: Class,
     paths: GlobSet,
     udev: Vec<(String, GlobMatcher)>,
+    backing: GlobSet,
 }
 
 /// All classes of a config, in config order (the first class whose selector
@@ -32,6 +33,10 @@ impl Classes {
             for p in &c.selector.paths {
                 b.add(glob(p)?);
             }
+            let mut bf = GlobSetBuilder::new();
+            for p in &c.selector.backing_files {
+                bf.add(glob(p)?);
+            }
             let mut udev = Vec::new();
             for (k, v) in &c.selector.udev {
                 udev.push((k.clone(), glob(v)?.compile_matcher()));
@@ -40,6 +45,7 @@ impl Classes {
                 class: c.clone(),
                 paths: b.build()?,
                 udev,
+                backing: bf.build()?,
             });
         }
         Ok(Classes { classes })
@@ -57,9 +63,18 @@ impl CompiledClass {
     /// named but that does not qualify gets a precise refusal.
     pub fn names(&self, dev: &Device) -> bool {
         let sel = &self.class.selector;
-        if sel.paths.is_empty() && sel.udev.is_empty() {
-            // Config validation forbids this; never let it match everything.
+        if sel.names_nothing() {
+            // Never let an empty selector match everything.
             return false;
+        }
+        if !sel.backing_files.is_empty() {
+            let hit = dev
+                .loop_backing_file
+                .as_ref()
+                .is_some_and(|f| self.backing.is_match(f));
+            if !hit {
+                return false;
+            }
         }
         if !sel.paths.is_empty() {
             let hit = std::iter::once(&dev.devnode)
@@ -133,6 +148,24 @@ mod tests {
             properties: [("DISKLET_CLASS".to_string(), "slow".to_string())].into(),
         };
         assert!(c.matching(&d).is_none());
+    }
+
+    #[test]
+    fn backing_file_globs_select_loops_by_their_file() {
+        let c = classes(
+            "classes: [{name: a, selector: {backingFiles: ['/tmp/t1/*.img'], types: [loop]}}]",
+        );
+        let mut d = Device::new("loop4", crate::model::DevNo::new(7, 4), DeviceKind::Loop);
+        assert!(c.matching(&d).is_none(), "no backing file");
+        d.loop_backing_file = Some(PathBuf::from("/tmp/t1/a.img"));
+        assert!(c.matching(&d).is_some());
+        d.loop_backing_file = Some(PathBuf::from("/tmp/t1/sub/a.img"));
+        assert!(c.matching(&d).is_none(), "* stays in one component");
+        let c = classes("classes: [{name: dirs-only, discoveryDirs: [/mnt/disks]}]");
+        assert!(
+            c.matching(&nvme()).is_none(),
+            "a class without a selector names no disk"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! panics.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod agent;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,6 +61,7 @@ impl Loop {
 
     /// `losetup` with extra flags (`-r` read-only, `-P` partition scan).
     pub fn with_flags(dir: &Path, name: &str, size_mib: u64, flags: &[&str]) -> Loop {
+        std::fs::create_dir_all(dir).unwrap();
         let file = dir.join(format!("{name}.img"));
         if !file.exists() {
             let f = std::fs::File::create(&file).unwrap();

@@ -1,0 +1,177 @@
+//! `cargo bench --bench hotadd` (root): latency from loop attach to PV visible
+//! in the API, over 20 disks, split into detect / probe / mkfs / mount /
+//! publish, without udevd and with a real udevd. The agent is the real
+//! `disklet run` binary against the fake API server, settleSeconds 0.
+//!
+//! Phases come from the agent's JSON log timestamps (same clock):
+//!   detect  = attach → first device event the agent logs for that loop
+//!   probe   = that event → start of the format (debounce, observe, decide, interlocks)
+//!   mkfs    = mkfs.xfs itself plus the interlock re-probe
+//!   mount   = format done → mounted
+//!   publish = mounted → PV seen by a watch in this process
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use support::agent::{Agent, MountSweeper};
+
+const DISKS: usize = 20;
+
+fn now() -> f64 {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    (d.as_secs() % 86400) as f64 + f64::from(d.subsec_nanos()) / 1e9
+}
+
+/// Seconds since midnight UTC of a tracing JSON line's timestamp.
+fn ts(line: &serde_json::Value) -> f64 {
+    let t = line["timestamp"].as_str().unwrap();
+    let clock = t.split('T').nth(1).unwrap().trim_end_matches('Z');
+    let mut it = clock.split(':');
+    let h: f64 = it.next().unwrap().parse().unwrap();
+    let m: f64 = it.next().unwrap().parse().unwrap();
+    let s: f64 = it.next().unwrap().parse().unwrap();
+    h * 3600.0 + m * 60.0 + s
+}
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    detect: f64,
+    probe: f64,
+    mkfs: f64,
+    mount: f64,
+    publish: f64,
+    total: f64,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+async fn run(with_udevd: bool) -> Vec<Sample> {
+    let env = support::agent::env().await;
+    let _sweep = MountSweeper(env.path().to_path_buf());
+    let d = env.path().display().to_string();
+    let cfg = format!(
+        "hostDir: {d}/hostdir\nkubeletDir: {d}/kubelet\nmountInfo: /proc/self/mountinfo\nclasses:\n  - name: fast\n    storageClassName: local-fast\n    settleSeconds: 0\n    selector: {{backingFiles: [\"{d}/disks/*.img\"], types: [loop]}}\n"
+    );
+    let agent = Agent::start_with(&env, "agent", "node-a", &cfg, &["--log-format", "json"]);
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    loop {
+        let l = agent
+            .recv_line(Duration::from_secs(60))
+            .expect("agent never became ready");
+        if l.contains("ready: first reconcile done") {
+            break;
+        }
+    }
+    let mut loops = Vec::new();
+    let mut samples = Vec::new();
+    for i in 0..DISKS {
+        let t0 = now();
+        let lp = support::Loop::new(&env.path().join("disks"), &format!("d{i}"), 320);
+        lp.assert_ours();
+        let name = lp.name();
+        env.wait_pvs("disklet.io/node=node-a", "the PV", |p| p.len() == i + 1)
+            .await;
+        let t_pub = now();
+        while let Some(l) = agent.recv_line(Duration::from_millis(200)) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                lines.push(v);
+            }
+            if lines.last().is_some_and(|v| {
+                v["fields"]["message"] == "mounted" && v["fields"]["device"] == name.as_str()
+            }) {
+                break;
+            }
+        }
+        let find = |msg: &str| {
+            lines
+                .iter()
+                .find(|v| {
+                    ts(v) >= t0 - 0.001
+                        && v["fields"]["message"] == msg
+                        && (v["fields"]["device"] == name.as_str()
+                            || v["fields"]["dev"]
+                                .as_str()
+                                .is_some_and(|s| s.contains(&name)))
+                })
+                .cloned()
+        };
+        let (Some(ev), Some(fmt), Some(mnt)) =
+            (find("device event"), find("formatted"), find("mounted"))
+        else {
+            panic!("missing log lines for {name}");
+        };
+        let fmt_ms = fmt["fields"]["ms"].as_f64().unwrap() / 1000.0;
+        let s = Sample {
+            detect: ts(&ev) - t0,
+            probe: (ts(&fmt) - fmt_ms) - ts(&ev),
+            mkfs: fmt_ms,
+            mount: ts(&mnt) - ts(&fmt),
+            publish: t_pub - ts(&mnt),
+            total: t_pub - t0,
+        };
+        samples.push(s);
+        loops.push(lp);
+        let _ = with_udevd;
+    }
+    drop(agent);
+    samples
+}
+
+fn report(title: &str, s: &[Sample]) {
+    println!("{title}: {} disks, seconds (p50 / p95)", s.len());
+    type Get = fn(&Sample) -> f64;
+    let cols: [(&str, Get); 6] = [
+        ("detect", |x| x.detect),
+        ("probe", |x| x.probe),
+        ("mkfs", |x| x.mkfs),
+        ("mount", |x| x.mount),
+        ("publish", |x| x.publish),
+        ("total attach->PV", |x| x.total),
+    ];
+    for (name, f) in cols {
+        let mut v: Vec<f64> = s.iter().map(f).collect();
+        println!(
+            "  {name:<18} {:8.4} / {:8.4}",
+            pct(&mut v, 0.5),
+            pct(&mut v, 0.95)
+        );
+    }
+    let mut excl: Vec<f64> = s.iter().map(|x| x.total - x.mkfs).collect();
+    println!(
+        "  {:<18} {:8.4} / {:8.4}   (target: p95 < 1 s)",
+        "total minus mkfs",
+        pct(&mut excl, 0.5),
+        pct(&mut excl, 0.95)
+    );
+}
+
+fn main() {
+    if support::skip_unless_root("hotadd bench") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if support::udevd_alive() {
+        println!("a udevd not started by this bench is running; skipping the no-udevd run");
+    } else {
+        let s = rt.block_on(run(false));
+        report("without udevd (kernel uevents)", &s);
+    }
+    match support::Udevd::start() {
+        Some(_udevd) => {
+            let s = rt.block_on(run(true));
+            report("with udevd (udev events, udev db required)", &s);
+        }
+        None => println!("systemd-udevd not installed: no udevd run"),
+    }
+}

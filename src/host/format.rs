@@ -1,0 +1,262 @@
+//! Formatting, the most dangerous thing disklet does, behind the interlocks of
+//! DESIGN.md §3.2: exclusive `flock` on the device node, a fresh observation
+//! and a fresh eligibility decision, a fingerprint compared with what the plan
+//! saw, and an `O_EXCL` test — all immediately before `mkfs`, which itself
+//! opens the device exclusively and refuses to overwrite a filesystem (no
+//! `-f`/`-F` is ever passed).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::config::{Config, FsType};
+use crate::host::{BlockDevices, Cmd, CmdError, HostError, HostTables, Prober};
+use crate::model::{Fingerprint, Inventory, OWNER_LABEL};
+use crate::plan::{evaluate, Classes, NodeFacts, Verdict};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{device}: another process holds the device lock (udev or another tool is working on it); will retry")]
+    Locked { device: String },
+    #[error("{device}: cannot open for locking: {source}")]
+    Open {
+        device: String,
+        source: nix::errno::Errno,
+    },
+    #[error("{device}: device-changed: {what}; not formatting")]
+    DeviceChanged { device: String, what: String },
+    #[error("{device}: no longer eligible ({verdict}: {detail}); not formatting")]
+    NotEligible {
+        device: String,
+        verdict: String,
+        detail: String,
+    },
+    #[error("{device}: re-observation failed: {source}")]
+    Observe { device: String, source: HostError },
+    #[error("{device}: mkfs failed: {source}")]
+    Mkfs { device: String, source: CmdError },
+}
+
+impl FormatError {
+    /// Short stable label for metrics, Events and backoff.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FormatError::Locked { .. } => "locked",
+            FormatError::Open { .. } => "open",
+            FormatError::DeviceChanged { .. } => "device-changed",
+            FormatError::NotEligible { .. } => "not-eligible",
+            FormatError::Observe { .. } => "observe",
+            FormatError::Mkfs { .. } => "mkfs",
+        }
+    }
+}
+
+/// Runs mkfs. The real one shells out; the fake records.
+pub trait Formatter: Send + Sync {
+    fn mkfs(&self, dev: &Path, fs: FsType, uuid: &str) -> Result<(), CmdError>;
+}
+
+/// `mkfs.xfs` / `mkfs.ext4` with our label and a fresh UUID, never forced.
+#[derive(Debug, Clone)]
+pub struct MkfsFormatter {
+    pub timeout: Duration,
+}
+
+impl Default for MkfsFormatter {
+    fn default() -> Self {
+        MkfsFormatter {
+            timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The mkfs command line for a filesystem type (no force flag, ever).
+pub fn mkfs_command(dev: &Path, fs: FsType, uuid: &str) -> Cmd {
+    match fs {
+        // -K: no discard on a disk that is already blank, so hot-add stays fast.
+        FsType::Xfs => Cmd::new("mkfs.xfs")
+            .arg("-q")
+            .arg("-K")
+            .arg("-L")
+            .arg(OWNER_LABEL)
+            .arg("-m")
+            .arg(format!("uuid={uuid}"))
+            .arg(dev),
+        FsType::Ext4 => Cmd::new("mkfs.ext4")
+            .arg("-q")
+            .arg("-L")
+            .arg(OWNER_LABEL)
+            .arg("-U")
+            .arg(uuid)
+            .arg("-E")
+            .arg("nodiscard")
+            .arg(dev),
+    }
+}
+
+impl Formatter for MkfsFormatter {
+    /// Refuses, by itself, a device that carries any signature: mkfs.xfs does
+    /// without `-f`, but mke2fs overwrites silently whenever stdin is not a
+    /// terminal (found by `tests/format_safety.rs`), so the last look is ours.
+    fn mkfs(&self, dev: &Path, fs: FsType, uuid: &str) -> Result<(), CmdError> {
+        let probe = Cmd::new("wipefs").arg("--no-act").arg("--json").arg(dev);
+        let found =
+            crate::host::probe::parse_wipefs(&probe.output()?).map_err(|e| CmdError::Failed {
+                cmd: probe.display(),
+                status: "unparsable output".into(),
+                stderr: e.to_string(),
+            })?;
+        if let Some(sig) = found.first() {
+            return Err(CmdError::Failed {
+                cmd: mkfs_command(dev, fs, uuid).display(),
+                status: "not run".into(),
+                stderr: format!(
+                    "{} carries a {} signature; disklet never formats over one",
+                    dev.display(),
+                    sig.kind
+                ),
+            });
+        }
+        mkfs_command(dev, fs, uuid)
+            .timeout(self.timeout)
+            .output()
+            .map(|_| ())
+    }
+}
+
+/// A formatter that records calls and formats nothing.
+#[derive(Debug, Default)]
+pub struct RecordingFormatter {
+    pub calls: Mutex<Vec<(std::path::PathBuf, FsType, String)>>,
+}
+
+impl RecordingFormatter {
+    pub fn calls(&self) -> Vec<(std::path::PathBuf, FsType, String)> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Formatter for RecordingFormatter {
+    fn mkfs(&self, dev: &Path, fs: FsType, uuid: &str) -> Result<(), CmdError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push((dev.to_path_buf(), fs, uuid.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Everything the interlock needs to observe the host afresh.
+pub struct Host<'a> {
+    pub devices: &'a dyn BlockDevices,
+    pub prober: &'a dyn Prober,
+    pub tables: &'a dyn HostTables,
+}
+
+/// Formats `device` only if, under an exclusive flock, a fresh observation
+/// still finds it eligible for `class` with the planned fingerprint.
+/// Returns the new filesystem UUID.
+#[allow(clippy::too_many_arguments)]
+pub fn format_safely(
+    device: &str,
+    planned: &Fingerprint,
+    class: &str,
+    fs: FsType,
+    cfg: &Config,
+    classes: &Classes,
+    host: &Host<'_>,
+    formatter: &dyn Formatter,
+) -> Result<String, FormatError> {
+    use nix::fcntl::{open, Flock, FlockArg, OFlag};
+    use nix::sys::stat::Mode;
+
+    let devnode = Path::new("/dev").join(device);
+    // 1. The lock udev and util-linux honour (see systemd's "Locking Block
+    //    Device Access"): while we hold it, udevd does not probe the device.
+    let fd = open(
+        &devnode,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|source| FormatError::Open {
+        device: device.into(),
+        source,
+    })?;
+    let lock =
+        Flock::lock(fd, FlockArg::LockExclusiveNonblock).map_err(|_| FormatError::Locked {
+            device: device.into(),
+        })?;
+
+    // 2. Observe again, from scratch.
+    let observe = |e| FormatError::Observe {
+        device: device.into(),
+        source: e,
+    };
+    let mut inv = Inventory {
+        devices: host.devices.list().map_err(observe)?,
+        mounts: host.tables.mounts().map_err(observe)?,
+        swaps: host.tables.swaps().map_err(observe)?,
+    };
+    let Some(idx) = inv.devices.iter().position(|d| d.name == device) else {
+        return Err(FormatError::DeviceChanged {
+            device: device.into(),
+            what: "the device is gone".into(),
+        });
+    };
+    let probe = host.prober.probe(&inv.devices[idx]);
+    inv.devices[idx].probe = probe;
+    let exclusive = host.prober.exclusive(&inv.devices[idx]);
+    inv.devices[idx].exclusive = exclusive;
+    let dev = &inv.devices[idx];
+
+    // 3. The fingerprint must be what the plan saw.
+    let now = Fingerprint::of(dev, &inv);
+    if &now != planned {
+        return Err(FormatError::DeviceChanged {
+            device: device.into(),
+            what: diff(planned, &now),
+        });
+    }
+    // 4. And the pure decision, made again on fresh data, must still say so.
+    let facts = NodeFacts::new(&inv, &cfg.host_dir, &cfg.kubelet_dir);
+    let d = evaluate(dev, &inv, classes, &facts, None);
+    if d.verdict != Verdict::Eligible || d.class.as_deref() != Some(class) {
+        return Err(FormatError::NotEligible {
+            device: device.into(),
+            verdict: format!(
+                "{} {}",
+                d.verdict.name(),
+                d.verdict.reason_code().unwrap_or("")
+            ),
+            detail: d.detail.unwrap_or_default(),
+        });
+    }
+
+    // 5. mkfs, still under the lock. It opens the device O_EXCL itself.
+    let uuid = uuid::Uuid::new_v4().to_string();
+    formatter
+        .mkfs(&devnode, fs, &uuid)
+        .map_err(|source| FormatError::Mkfs {
+            device: device.into(),
+            source,
+        })?;
+    drop(lock);
+    Ok(uuid)
+}
+
+fn diff(a: &Fingerprint, b: &Fingerprint) -> String {
+    let (Ok(a), Ok(b)) = (serde_json::to_value(a), serde_json::to_value(b)) else {
+        return "fingerprint differs".into();
+    };
+    let mut out = Vec::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for (k, va) in a {
+            if b.get(k) != Some(va) {
+                out.push(format!(
+                    "{k} was {va}, now {}",
+                    b.get(k).unwrap_or(&serde_json::Value::Null)
+                ));
+            }
+        }
+    }
+    out.join("; ")
+}

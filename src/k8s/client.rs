@@ -1,0 +1,195 @@
+//! The API calls disklet makes, all scoped to its own node: get its Node, get
+//! StorageClasses, server-side apply its PVs, watch PVs labelled with its node
+//! name (never another node's), and publish Events.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource};
+use tokio::sync::mpsc;
+
+use crate::k8s::pv::{node_label_value, FIELD_MANAGER, LABEL_NODE};
+use crate::model::{NodeInfo, ScInfo, HOSTNAME_LABEL};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot reach the Kubernetes API: {0} (in a pod, the ServiceAccount token; outside, KUBECONFIG)")]
+    Config(String),
+    #[error("Node {node:?} not found: pass the name of this node with --node-name or NODE_NAME (spec.nodeName in the DaemonSet)")]
+    NodeMissing { node: String },
+    #[error("{what}: {source}")]
+    Api { what: String, source: kube::Error },
+}
+
+impl KubeError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KubeError::Config(_) => "config",
+            KubeError::NodeMissing { .. } => "node-missing",
+            KubeError::Api { .. } => "api",
+        }
+    }
+}
+
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
+    let what = what.into();
+    move |source| KubeError::Api { what, source }
+}
+
+/// A kube client bound to one node.
+#[derive(Clone)]
+pub struct Kube {
+    pub client: Client,
+    pub node: String,
+    pvs: Api<PersistentVolume>,
+    nodes: Api<Node>,
+    scs: Api<StorageClass>,
+    recorder: Recorder,
+}
+
+impl Kube {
+    /// Client from the standard places: in-cluster, then `KUBECONFIG` /
+    /// `~/.kube/config`.
+    pub async fn connect(node: &str) -> Result<Kube, KubeError> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| KubeError::Config(e.to_string()))?;
+        Ok(Kube::new(client, node))
+    }
+
+    pub fn new(client: Client, node: &str) -> Kube {
+        let reporter = Reporter {
+            controller: "disklet".into(),
+            instance: Some(format!("disklet-{node}")),
+        };
+        Kube {
+            pvs: Api::all(client.clone()),
+            nodes: Api::all(client.clone()),
+            scs: Api::all(client.clone()),
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            node: node.to_string(),
+        }
+    }
+
+    /// The label selector that scopes every PV list and watch to this node.
+    pub fn selector(&self) -> String {
+        format!("{LABEL_NODE}={}", node_label_value(&self.node))
+    }
+
+    pub async fn node_info(&self) -> Result<(NodeInfo, Node), KubeError> {
+        let n = self
+            .nodes
+            .get_opt(&self.node)
+            .await
+            .map_err(api_err(format!("get Node {}", self.node)))?
+            .ok_or_else(|| KubeError::NodeMissing {
+                node: self.node.clone(),
+            })?;
+        let labels = n.metadata.labels.clone().unwrap_or_default();
+        let info = NodeInfo {
+            name: self.node.clone(),
+            uid: n.metadata.uid.clone().unwrap_or_default(),
+            hostname: labels
+                .get(HOSTNAME_LABEL)
+                .cloned()
+                .unwrap_or_else(|| self.node.clone()),
+            labels: labels.into_iter().collect(),
+        };
+        Ok((info, n))
+    }
+
+    /// `None` when the StorageClass does not exist.
+    pub async fn storage_class(&self, name: &str) -> Result<Option<ScInfo>, KubeError> {
+        let sc = self
+            .scs
+            .get_opt(name)
+            .await
+            .map_err(api_err(format!("get StorageClass {name}")))?;
+        Ok(sc.map(|sc| ScInfo {
+            reclaim_policy: sc.reclaim_policy.unwrap_or_else(|| "Delete".into()),
+            mount_options: sc.mount_options.unwrap_or_default(),
+        }))
+    }
+
+    /// Server-side apply with field manager `disklet`, forcing ownership of the
+    /// fields disklet sets (it is their only rightful writer).
+    pub async fn apply_pv(&self, pv: &PersistentVolume) -> Result<PersistentVolume, KubeError> {
+        let name = pv.metadata.name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(pv).map_err(|e| KubeError::Config(e.to_string()))?;
+        body["apiVersion"] = "v1".into();
+        body["kind"] = "PersistentVolume".into();
+        self.pvs
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(api_err(format!("apply PersistentVolume {name}")))
+    }
+
+    /// Publishes an Event about `obj` (a PV or the Node). Failures are logged,
+    /// never fatal: an Event is a report, not an action.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish Event");
+        }
+    }
+
+    /// A reflector of this node's PVs. Every change kicks the reconciler.
+    /// Returns the store and the future that drives the watch.
+    pub fn pv_reflector(
+        &self,
+        kick: mpsc::Sender<()>,
+    ) -> (
+        Store<PersistentVolume>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let (reader, writer) = reflector::store();
+        let cfg = watcher::Config::default().labels(&self.selector());
+        let stream = watcher(self.pvs.clone(), cfg)
+            .default_backoff()
+            .reflect(writer)
+            .touched_objects();
+        let drive = async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                if let Err(e) = item {
+                    tracing::warn!(error = %e, "PV watch error; retrying with backoff");
+                }
+                let _ = kick.try_send(());
+            }
+        };
+        (reader, drive)
+    }
+}
+
+/// A snapshot of a reflector store.
+pub fn snapshot(store: &Store<PersistentVolume>) -> Vec<Arc<PersistentVolume>> {
+    store.state()
+}

@@ -1,0 +1,4 @@
+//! Kubernetes: the PVs disklet publishes and the API calls it makes.
+
+pub mod client;
+pub mod pv;

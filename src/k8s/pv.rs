@@ -1,0 +1,274 @@
+//! PersistentVolume objects disklet publishes: names, labels, annotations and
+//! the spec, built purely from the volume, the Node and the StorageClass.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    LocalVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
+    PersistentVolumeSpec, VolumeNodeAffinity,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::config::VolumeMode;
+use crate::model::{NodeInfo, ScInfo, Volume, HOSTNAME_LABEL};
+
+pub const LABEL_NODE: &str = "disklet.io/node";
+pub const LABEL_CLASS: &str = "disklet.io/class";
+pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+pub const ANN_KEY: &str = "disklet.io/volume-key";
+pub const ANN_NODE_UID: &str = "disklet.io/node-uid";
+pub const ANN_DEVICE_ID: &str = "disklet.io/device-id";
+pub const ANN_BY_ID: &str = "disklet.io/by-id";
+pub const ANN_SERIAL: &str = "disklet.io/serial";
+pub const ANN_FS_UUID: &str = "disklet.io/fs-uuid";
+pub const FIELD_MANAGER: &str = "disklet";
+pub const PROVISIONER: &str = "disklet";
+
+/// FNV-1a, 64 bit: stable across versions and platforms, which PV names must be.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The value for the `disklet.io/node` label: the node name when it is a valid
+/// label value (63 characters at most), else a stable hash of it.
+pub fn node_label_value(node: &str) -> String {
+    let valid = !node.is_empty()
+        && node.len() <= 63
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && node.as_bytes()[0].is_ascii_alphanumeric()
+        && node.as_bytes()[node.len() - 1].is_ascii_alphanumeric();
+    if valid {
+        node.to_string()
+    } else {
+        format!("h-{:016x}", fnv1a64(node.as_bytes()))
+    }
+}
+
+/// `disklet-<class>-<16 hex>`: a hash of the node name and the volume key. The
+/// key carries the filesystem UUID (new on every format), the device identity
+/// or the discovery path, so a name never moves to another disk, node, or
+/// a reformatted filesystem.
+pub fn pv_name(node: &str, class: &str, key: &str) -> String {
+    let h = fnv1a64(format!("{node}\0{key}").as_bytes());
+    format!("disklet-{class}-{h:016x}")
+}
+
+/// The PV for a volume. Every field disklet owns is set here, and only those,
+/// so server-side apply with the `disklet` field manager converges to it.
+pub fn build_pv(
+    v: &Volume,
+    node: &NodeInfo,
+    sc_name: &str,
+    sc: &ScInfo,
+    topology_keys: &[String],
+) -> PersistentVolume {
+    let mut labels = BTreeMap::new();
+    labels.insert(LABEL_NODE.to_string(), node_label_value(&node.name));
+    labels.insert(LABEL_CLASS.to_string(), v.class.clone());
+    labels.insert(HOSTNAME_LABEL.to_string(), node.hostname.clone());
+    let mut annotations = v.annotations.clone();
+    annotations.insert(ANN_PROVISIONED_BY.to_string(), PROVISIONER.to_string());
+    annotations.insert(ANN_KEY.to_string(), v.key.clone());
+    annotations.insert(ANN_NODE_UID.to_string(), node.uid.clone());
+
+    let mut exprs = vec![NodeSelectorRequirement {
+        key: HOSTNAME_LABEL.to_string(),
+        operator: "In".to_string(),
+        values: Some(vec![node.hostname.clone()]),
+    }];
+    for k in topology_keys {
+        if let Some(val) = node.labels.get(k) {
+            exprs.push(NodeSelectorRequirement {
+                key: k.clone(),
+                operator: "In".to_string(),
+                values: Some(vec![val.clone()]),
+            });
+        }
+    }
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(pv_name(&node.name, &v.class, &v.key)),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            capacity: Some(
+                [(
+                    "storage".to_string(),
+                    Quantity(v.capacity_bytes.to_string()),
+                )]
+                .into(),
+            ),
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            volume_mode: Some(match v.mode {
+                VolumeMode::Filesystem => "Filesystem".to_string(),
+                VolumeMode::Block => "Block".to_string(),
+            }),
+            storage_class_name: Some(sc_name.to_string()),
+            persistent_volume_reclaim_policy: Some(sc.reclaim_policy.clone()),
+            mount_options: (!sc.mount_options.is_empty() && v.mode == VolumeMode::Filesystem)
+                .then(|| sc.mount_options.clone()),
+            local: Some(LocalVolumeSource {
+                path: v.path.to_string_lossy().into_owned(),
+                fs_type: v.fs_type.clone(),
+            }),
+            node_affinity: Some(VolumeNodeAffinity {
+                required: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(exprs),
+                        match_fields: None,
+                    }],
+                }),
+            }),
+            ..PersistentVolumeSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Whether an existing PV already says what `desired` says, for the fields
+/// disklet owns. Only the mutable ones matter: the API server refuses changes
+/// to the volume source and node affinity anyway.
+pub fn up_to_date(existing: &PersistentVolume, desired: &PersistentVolume) -> bool {
+    let sub = |have: &Option<BTreeMap<String, String>>, want: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let (Some(es), Some(ds)) = (&existing.spec, &desired.spec) else {
+        return false;
+    };
+    sub(&existing.metadata.labels, &desired.metadata.labels)
+        && sub(
+            &existing.metadata.annotations,
+            &desired.metadata.annotations,
+        )
+        && es.capacity == ds.capacity
+        && es.storage_class_name == ds.storage_class_name
+        && es.persistent_volume_reclaim_policy == ds.persistent_volume_reclaim_policy
+        && es.mount_options == ds.mount_options
+        && es.local == ds.local
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            uid: "uid-1".into(),
+            hostname: "node-a.example.com".into(),
+            labels: [
+                ("topology.kubernetes.io/zone".to_string(), "z1".to_string()),
+                ("rack".to_string(), "r7".to_string()),
+            ]
+            .into(),
+        }
+    }
+
+    fn vol() -> Volume {
+        Volume {
+            key: "fs:1234".into(),
+            class: "fast".into(),
+            mode: VolumeMode::Filesystem,
+            path: PathBuf::from("/var/lib/disklet/fast/1234/vol"),
+            capacity_bytes: 322_961_408,
+            fs_type: None,
+            annotations: [(ANN_FS_UUID.to_string(), "1234".to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn names_are_dns1123_deterministic_and_distinct() {
+        let n = pv_name("node-a", "fast", "fs:1234");
+        assert_eq!(n, pv_name("node-a", "fast", "fs:1234"));
+        assert_ne!(n, pv_name("node-b", "fast", "fs:1234"), "another node");
+        assert_ne!(
+            n,
+            pv_name("node-a", "fast", "fs:1235"),
+            "a reformatted disk"
+        );
+        assert!(n.len() <= 253 && n.starts_with("disklet-fast-"));
+        assert!(n
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        // FNV-1a test vector: names must never change across releases.
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+    }
+
+    #[test]
+    fn node_label_values_are_valid_labels() {
+        assert_eq!(node_label_value("node-a"), "node-a");
+        let long = "n".repeat(100);
+        let v = node_label_value(&long);
+        assert!(v.len() <= 63 && v.starts_with("h-"));
+        assert_eq!(v, node_label_value(&long));
+    }
+
+    #[test]
+    fn pv_has_every_field() {
+        let sc = ScInfo {
+            reclaim_policy: "Delete".into(),
+            mount_options: vec!["noatime".into()],
+        };
+        let pv = build_pv(
+            &vol(),
+            &node(),
+            "local-fast",
+            &sc,
+            &[
+                "topology.kubernetes.io/zone".into(),
+                "rack".into(),
+                "missing".into(),
+            ],
+        );
+        let v = serde_json::to_value(&pv).unwrap();
+        assert_eq!(v["metadata"]["labels"]["disklet.io/node"], "node-a");
+        assert_eq!(v["metadata"]["labels"]["disklet.io/class"], "fast");
+        assert_eq!(
+            v["metadata"]["labels"]["kubernetes.io/hostname"],
+            "node-a.example.com"
+        );
+        assert_eq!(
+            v["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"],
+            "disklet"
+        );
+        assert_eq!(v["metadata"]["annotations"]["disklet.io/fs-uuid"], "1234");
+        let s = &v["spec"];
+        assert_eq!(s["capacity"]["storage"], "322961408");
+        assert_eq!(s["accessModes"], serde_json::json!(["ReadWriteOnce"]));
+        assert_eq!(s["volumeMode"], "Filesystem");
+        assert_eq!(s["storageClassName"], "local-fast");
+        assert_eq!(s["persistentVolumeReclaimPolicy"], "Delete");
+        assert_eq!(s["mountOptions"], serde_json::json!(["noatime"]));
+        assert_eq!(s["local"]["path"], "/var/lib/disklet/fast/1234/vol");
+        let exprs = &s["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"];
+        assert_eq!(
+            exprs[0],
+            serde_json::json!({"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a.example.com"]})
+        );
+        assert_eq!(exprs[1]["values"], serde_json::json!(["z1"]));
+        assert_eq!(exprs[2]["key"], "rack");
+        assert_eq!(
+            exprs.as_array().unwrap().len(),
+            3,
+            "a topology key the node lacks is left out"
+        );
+        assert!(up_to_date(&pv, &pv));
+        let mut changed = pv.clone();
+        changed.spec.as_mut().unwrap().capacity =
+            Some([("storage".to_string(), Quantity("1".into()))].into());
+        assert!(!up_to_date(&changed, &pv));
+    }
+}

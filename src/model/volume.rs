@@ -1,0 +1,112 @@
+//! Volumes, the node, and StorageClasses as the plan sees them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{DevNo, Device, Inventory};
+use crate::config::VolumeMode;
+
+/// What must not change between planning a format and running it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fingerprint {
+    pub devno: DevNo,
+    pub size_bytes: u64,
+    pub diskseq: Option<u64>,
+    pub read_only: bool,
+    pub holders: Vec<String>,
+    pub partitions: Vec<String>,
+    pub serial: Option<String>,
+    pub wwid: Option<String>,
+    pub loop_backing_file: Option<std::path::PathBuf>,
+    /// (type, offset) of every signature.
+    pub signatures: Vec<(String, u64)>,
+    pub mounted: bool,
+}
+
+impl Fingerprint {
+    pub fn of(dev: &Device, inv: &Inventory) -> Fingerprint {
+        Fingerprint {
+            devno: dev.devno,
+            size_bytes: dev.size_bytes,
+            diskseq: dev.diskseq,
+            read_only: dev.read_only,
+            holders: dev.holders.clone(),
+            partitions: dev.partitions.clone(),
+            serial: dev.serial.clone(),
+            wwid: dev.wwid.clone(),
+            loop_backing_file: dev.loop_backing_file.clone(),
+            signatures: dev
+                .signatures()
+                .iter()
+                .map(|s| (s.kind.clone(), s.offset))
+                .collect(),
+            mounted: inv.mounts_of(dev).next().is_some(),
+        }
+    }
+}
+
+/// The Node object's facts the PVs need.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    pub uid: String,
+    /// The value of the Node's `kubernetes.io/hostname` label (the node name
+    /// when the label is missing): what the scheduler matches PVs against.
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// The StorageClass fields copied onto PVs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScInfo {
+    pub reclaim_policy: String,
+    pub mount_options: Vec<String>,
+}
+
+/// What was found at a mount point under hostDir or a discovery dir.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MountFact {
+    /// `<mount>/vol` exists (only possible while mounted).
+    pub vol_dir: bool,
+    /// Filesystem size in bytes (statvfs).
+    pub capacity_bytes: u64,
+}
+
+/// An entry of a discovery dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirEntryKind {
+    /// A mount point: its filesystem's size.
+    MountPoint { capacity_bytes: u64, devno: DevNo },
+    /// A symlink to a block device, with the device's size.
+    BlockLink { target: PathBuf, size_bytes: u64 },
+    /// Anything else: ignored.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub class: String,
+    pub path: PathBuf,
+    pub kind: DirEntryKind,
+}
+
+/// A volume ready to be published as a PV.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// What the PV name is derived from: `fs:<uuid>`, `dev:<identity>` or
+    /// `dir:<path>`.
+    pub key: String,
+    pub class: String,
+    pub mode: VolumeMode,
+    /// `spec.local.path`.
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    /// `spec.local.fsType` (kubelet formats the raw device on first use).
+    pub fs_type: Option<String>,
+    /// Identity annotations (`disklet.io/...`).
+    pub annotations: BTreeMap<String, String>,
+}

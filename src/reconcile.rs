@@ -1,0 +1,545 @@
+//! The reconcile loop: observe (devices, mounts, discovery dirs, own PVs) →
+//! pure plan → act → repeat. Events only kick it; a resync timer is the safety
+//! net; a settle timer wakes it when a device has been stable long enough.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::host::events::{self, Kick};
+use crate::host::format::{format_safely, Formatter, Host};
+use crate::host::mounter::Mounter;
+use crate::host::{dirs, BlkidProber, HostError, Prober, ProcTables, SysfsDevices};
+use crate::k8s::client::{Kube, KubeError};
+use crate::model::{DirEntry, Fingerprint, Inventory, MountFact, NodeInfo, ScInfo};
+use crate::plan::eligibility::ownership;
+use crate::plan::{
+    evaluate, plan, Action, Classes, Decision, NodeFacts, PendingReason, PlanInput, Subject,
+    Verdict,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// Shared, read by health endpoints and tests.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub ready: AtomicBool,
+    pub reconciles: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub actions: usize,
+    /// A format or mount happened: reconcile again at once to publish.
+    pub host_changed: bool,
+    /// The earliest moment a settling device will have settled.
+    pub wake_at: Option<Instant>,
+}
+
+/// The observed state of the node.
+pub struct Observed {
+    pub inv: Inventory,
+    pub decisions: Vec<Decision>,
+    pub mounts: BTreeMap<PathBuf, MountFact>,
+    pub dirs: Vec<DirEntry>,
+    pub wake_at: Option<Instant>,
+}
+
+pub struct Agent {
+    pub cfg: Config,
+    pub classes: Classes,
+    pub kube: Kube,
+    pub devices: SysfsDevices,
+    pub prober: BlkidProber,
+    pub tables: ProcTables,
+    pub formatter: Box<dyn Formatter>,
+    pub mounter: Box<dyn Mounter>,
+    pub status: Arc<Status>,
+    /// Per device: what it looked like and since when.
+    stable: HashMap<String, (Fingerprint, Instant)>,
+    /// Reports already published, to keep Events from repeating every pass.
+    reported: HashMap<String, Instant>,
+}
+
+const REPORT_EVERY: Duration = Duration::from_secs(600);
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+impl Agent {
+    pub fn new(
+        cfg: Config,
+        classes: Classes,
+        kube: Kube,
+        formatter: Box<dyn Formatter>,
+        mounter: Box<dyn Mounter>,
+    ) -> Agent {
+        let tables = ProcTables::new(&cfg.mount_info);
+        Agent {
+            cfg,
+            classes,
+            kube,
+            devices: SysfsDevices::default(),
+            prober: BlkidProber::default(),
+            tables,
+            formatter,
+            mounter,
+            status: Arc::new(Status::default()),
+            stable: HashMap::new(),
+            reported: HashMap::new(),
+        }
+    }
+
+    /// Devices, decisions (with settle times), mount facts and discovery dirs.
+    pub fn observe(&mut self) -> Result<Observed, HostError> {
+        let mut inv = crate::scan::observe(&self.devices, &self.prober, &self.tables)?;
+        let now = Instant::now();
+        let mut seen = HashMap::new();
+        for d in &inv.devices {
+            let fp = Fingerprint::of(d, &inv);
+            let since = match self.stable.get(&d.name) {
+                Some((old, since)) if *old == fp => *since,
+                _ => now,
+            };
+            seen.insert(d.name.clone(), (fp, since));
+        }
+        self.stable = seen;
+        let facts = NodeFacts::new(&inv, &self.cfg.host_dir, &self.cfg.kubelet_dir);
+        let mut decisions = Vec::with_capacity(inv.devices.len());
+        let mut wake_at: Option<Instant> = None;
+        for i in 0..inv.devices.len() {
+            let since = self.stable.get(&inv.devices[i].name).map_or(now, |s| s.1);
+            let age = Some(now.saturating_duration_since(since));
+            let mut d = evaluate(&inv.devices[i], &inv, &self.classes, &facts, age);
+            if d.verdict
+                == (Verdict::Pending {
+                    reason: PendingReason::ExclusiveNotChecked,
+                })
+            {
+                inv.devices[i].exclusive = self.prober.exclusive(&inv.devices[i]);
+                d = evaluate(&inv.devices[i], &inv, &self.classes, &facts, age);
+            }
+            if d.verdict
+                == (Verdict::Pending {
+                    reason: PendingReason::Settling,
+                })
+            {
+                if let Some(c) = d
+                    .class
+                    .as_deref()
+                    .and_then(|n| self.classes.classes.iter().find(|c| c.class.name == n))
+                {
+                    let at = since + Duration::from_secs(c.class.settle_seconds);
+                    wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+                }
+            }
+            decisions.push(d);
+        }
+        let mut mounts = BTreeMap::new();
+        for m in &inv.mounts {
+            if m.mount_point.starts_with(&self.cfg.host_dir) && m.root == Path::new("/") {
+                mounts.insert(m.mount_point.clone(), dirs::mount_fact(&m.mount_point));
+            }
+        }
+        let mut entries = Vec::new();
+        for c in &self.cfg.classes {
+            for d in &c.discovery_dirs {
+                entries.extend(dirs::scan_dir(&c.name, d, &inv.mounts));
+            }
+        }
+        Ok(Observed {
+            inv,
+            decisions,
+            mounts,
+            dirs: entries,
+            wake_at,
+        })
+    }
+
+    async fn storage_classes(&self) -> Result<BTreeMap<String, Option<ScInfo>>, KubeError> {
+        let mut scs = BTreeMap::new();
+        for c in &self.cfg.classes {
+            let n = c.storage_class();
+            if let std::collections::btree_map::Entry::Vacant(e) = scs.entry(n.to_string()) {
+                e.insert(self.kube.storage_class(n).await?);
+            }
+        }
+        Ok(scs)
+    }
+
+    /// One pass: observe, plan, act.
+    pub async fn reconcile(&mut self, pvs: &[PersistentVolume]) -> Result<Outcome, ReconcileError> {
+        let (node, node_obj) = self.kube.node_info().await?;
+        let scs = self.storage_classes().await?;
+        let observed = tokio::task::block_in_place(|| self.observe())?;
+        let actions = plan(&PlanInput {
+            cfg: &self.cfg,
+            classes: &self.classes,
+            inv: &observed.inv,
+            decisions: &observed.decisions,
+            mounts: &observed.mounts,
+            dirs: &observed.dirs,
+            pvs,
+            node: &node,
+            scs: &scs,
+        });
+        let mut out = Outcome {
+            actions: actions.len(),
+            wake_at: observed.wake_at,
+            ..Outcome::default()
+        };
+        for a in actions {
+            if self.act(a, &observed, &node, &node_obj).await {
+                out.host_changed = true;
+            }
+        }
+        self.status.reconciles.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Carries out one action; returns whether the host changed.
+    async fn act(
+        &mut self,
+        a: Action,
+        observed: &Observed,
+        _node: &NodeInfo,
+        node_obj: &Node,
+    ) -> bool {
+        match a {
+            Action::Format {
+                device,
+                class,
+                fs,
+                fingerprint,
+            } => {
+                let started = Instant::now();
+                let host = Host {
+                    devices: &self.devices,
+                    prober: &self.prober,
+                    tables: &self.tables,
+                };
+                let r = tokio::task::block_in_place(|| {
+                    format_safely(
+                        &device,
+                        &fingerprint,
+                        &class,
+                        fs,
+                        &self.cfg,
+                        &self.classes,
+                        &host,
+                        self.formatter.as_ref(),
+                    )
+                });
+                match r {
+                    Ok(uuid) => {
+                        info!(
+                            device,
+                            class,
+                            fs = fs.as_str(),
+                            uuid,
+                            ms = started.elapsed().as_millis() as u64,
+                            "formatted"
+                        );
+                        self.kube
+                            .event(
+                                node_obj,
+                                false,
+                                "Formatted",
+                                "Format",
+                                format!(
+                                    "formatted /dev/{device} for class {class} as {} (uuid {uuid})",
+                                    fs.as_str()
+                                ),
+                            )
+                            .await;
+                        true
+                    }
+                    Err(e) => {
+                        warn!(device, class, error = %e, "format refused or failed");
+                        self.kube
+                            .event(node_obj, true, "FormatFailed", "Format", e.to_string())
+                            .await;
+                        false
+                    }
+                }
+            }
+            Action::Mount {
+                device,
+                devnode,
+                fs_type,
+                target,
+                options,
+            } => {
+                // Re-probe immediately before mounting: it must still be the
+                // filesystem the plan saw, and ours.
+                let planned = observed
+                    .inv
+                    .device(&device)
+                    .and_then(|d| ownership(d.signatures()))
+                    .and_then(|s| s.uuid.clone());
+                let Some(dev) = observed.inv.device(&device) else {
+                    return false;
+                };
+                let now = tokio::task::block_in_place(|| self.prober.probe(dev));
+                let current = match &now {
+                    crate::model::Probe::Done { signatures, .. } => {
+                        ownership(signatures).and_then(|s| s.uuid.clone())
+                    }
+                    _ => None,
+                };
+                if current.is_none() || current != planned {
+                    warn!(device, "device changed before mount; not mounting");
+                    return false;
+                }
+                let r = tokio::task::block_in_place(|| {
+                    self.mounter.mount(&devnode, &target, &fs_type, &options)?;
+                    make_vol_dir(&target)
+                });
+                match r {
+                    Ok(()) => {
+                        info!(device, target = %target.display(), "mounted");
+                        self.kube
+                            .event(
+                                node_obj,
+                                false,
+                                "Mounted",
+                                "Mount",
+                                format!(
+                                    "mounted /dev/{device} ({fs_type}) at {}",
+                                    target.display()
+                                ),
+                            )
+                            .await;
+                        true
+                    }
+                    Err(e) => {
+                        warn!(device, error = %e, "mount failed");
+                        self.kube
+                            .event(node_obj, true, "MountFailed", "Mount", e.to_string())
+                            .await;
+                        false
+                    }
+                }
+            }
+            Action::MakeVolDir { mount_point } => match make_vol_dir(&mount_point) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "cannot create the volume directory");
+                    false
+                }
+            },
+            Action::ApplyPv { pv, create } => {
+                let name = pv.metadata.name.clone().unwrap_or_default();
+                match self.kube.apply_pv(&pv).await {
+                    Ok(applied) => {
+                        info!(pv = name, create, "PV applied");
+                        if create {
+                            let path = pv
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.local.as_ref())
+                                .map(|l| l.path.clone())
+                                .unwrap_or_default();
+                            self.kube
+                                .event(
+                                    &applied,
+                                    false,
+                                    "Published",
+                                    "Publish",
+                                    format!("published {path} on node {}", self.kube.node),
+                                )
+                                .await;
+                        }
+                    }
+                    Err(e) => {
+                        self.status.errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(pv = name, error = %e, "PV apply failed");
+                    }
+                }
+                false
+            }
+            Action::Report {
+                warning,
+                reason,
+                message,
+                subject,
+            } => {
+                let key = format!("{reason}\0{message}");
+                let due = self
+                    .reported
+                    .get(&key)
+                    .is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+                if due {
+                    self.reported.insert(key, Instant::now());
+                    if warning {
+                        warn!(reason, "{message}");
+                    } else {
+                        info!(reason, "{message}");
+                    }
+                    match subject {
+                        Subject::Node => {
+                            self.kube
+                                .event(node_obj, warning, reason, "Reconcile", message)
+                                .await
+                        }
+                        Subject::Pv(_) => {
+                            self.kube
+                                .event(node_obj, warning, reason, "Reconcile", message)
+                                .await
+                        }
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves. Mounts stay in place on exit: pods use them.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ReconcileError> {
+        let (tx, mut rx) = mpsc::channel::<Kick>(256);
+        events::spawn_device_monitors(&tx);
+        if let Err(e) = events::spawn_mount_watch(&self.cfg.mount_info, tx.clone()) {
+            warn!(error = %e, "cannot watch the mount table; relying on resync");
+        }
+        let dirs: Vec<PathBuf> = self
+            .cfg
+            .classes
+            .iter()
+            .flat_map(|c| c.discovery_dirs.clone())
+            .collect();
+        let _dir_watch = events::watch_dirs(&dirs, tx.clone());
+        let (pv_tx, mut pv_rx) = mpsc::channel::<()>(16);
+        let (store, drive) = self.kube.pv_reflector(pv_tx);
+        let watch = tokio::spawn(drive);
+        let fwd_tx = tx.clone();
+        let fwd = tokio::spawn(async move {
+            while pv_rx.recv().await.is_some() {
+                if fwd_tx.send(Kick::Pv).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Decide on PVs only once the watch has listed them.
+        let _ = tokio::time::timeout(Duration::from_secs(30), store.wait_until_ready()).await;
+
+        let resync = Duration::from_secs(self.cfg.resync_seconds);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut wake_at: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(200);
+        let mut kicked = true;
+        loop {
+            if !kicked {
+                let settle = async {
+                    match wake_at {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    k = rx.recv() => { if k.is_none() { break } }
+                    _ = tokio::time::sleep(resync) => {}
+                    _ = settle => {}
+                }
+                // Debounce: a burst of events makes one reconcile.
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+            }
+            kicked = false;
+            let mut passes = 0;
+            loop {
+                passes += 1;
+                let pvs: Vec<PersistentVolume> =
+                    store.state().iter().map(|p| (**p).clone()).collect();
+                match self.reconcile(&pvs).await {
+                    Ok(o) => {
+                        wake_at = o.wake_at;
+                        backoff = Duration::from_millis(200);
+                        if !self.status.ready.swap(true, Ordering::Relaxed) {
+                            info!(actions = o.actions, "ready: first reconcile done");
+                        }
+                        if !o.host_changed || passes >= 5 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        self.status.errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed");
+                        wake_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        break;
+                    }
+                }
+            }
+        }
+        watch.abort();
+        fwd.abort();
+        Ok(())
+    }
+}
+
+/// Creates `<mount>/vol`, but only if `mount_point` really is a mount point
+/// right now: otherwise the directory would land on the root disk and a pod
+/// could write there after a reboot (DESIGN.md §3.6).
+pub fn make_vol_dir(mount_point: &Path) -> Result<(), crate::host::mounter::MountError> {
+    use std::os::unix::fs::MetadataExt;
+    let not_mounted = |what: &str| crate::host::mounter::MountError::MkDir {
+        path: mount_point.into(),
+        source: std::io::Error::other(what.to_string()),
+    };
+    let here = std::fs::metadata(mount_point).map_err(|source| {
+        crate::host::mounter::MountError::MkDir {
+            path: mount_point.into(),
+            source,
+        }
+    })?;
+    let parent = mount_point
+        .parent()
+        .ok_or_else(|| not_mounted("no parent directory"))?;
+    let up =
+        std::fs::metadata(parent).map_err(|source| crate::host::mounter::MountError::MkDir {
+            path: parent.into(),
+            source,
+        })?;
+    if here.dev() == up.dev() {
+        return Err(not_mounted("is not a mount point; refusing to create the volume directory on the parent filesystem"));
+    }
+    let vol = crate::plan::provision::vol_dir(mount_point);
+    match std::fs::create_dir(&vol) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(crate::host::mounter::MountError::MkDir { path: vol, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_volume_dir_is_never_created_on_an_unmounted_mount_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("fast/uuid");
+        std::fs::create_dir_all(&mp).unwrap();
+        let e = make_vol_dir(&mp).unwrap_err();
+        assert!(e.to_string().contains("not a mount point"), "{e}");
+        assert!(!mp.join("vol").exists());
+        assert!(make_vol_dir(&dir.path().join("missing")).is_err());
+    }
+}

@@ -1,0 +1,234 @@
+//! The format interlocks, attacked on real loop devices: whatever changes
+//! between planning and formatting, mkfs must not run.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use disklet::config::{Config, FsType};
+use disklet::host::format::{
+    format_safely, FormatError, Formatter, Host, MkfsFormatter, RecordingFormatter,
+};
+use disklet::host::{BlkidProber, ProcTables, SysfsDevices};
+use disklet::model::Fingerprint;
+use disklet::plan::{Classes, Verdict};
+use support::agent::blkid;
+use support::*;
+
+struct Setup {
+    cfg: Config,
+    classes: Classes,
+    devices: SysfsDevices,
+    prober: BlkidProber,
+    tables: ProcTables,
+}
+
+fn setup(dir: &std::path::Path) -> Setup {
+    let cfg = Config::parse(&format!(
+        "hostDir: {d}/hostdir\nkubeletDir: {d}/kubelet\nmountInfo: /proc/self/mountinfo\nclasses:\n  - name: t\n    settleSeconds: 0\n    selector: {{backingFiles: [\"{d}/*.img\"], types: [loop]}}\n",
+        d = dir.display()
+    ))
+    .unwrap();
+    let classes = Classes::compile(&cfg).unwrap();
+    Setup {
+        tables: ProcTables::new(&cfg.mount_info),
+        cfg,
+        classes,
+        devices: SysfsDevices::default(),
+        prober: BlkidProber::default(),
+    }
+}
+
+impl Setup {
+    fn host(&self) -> Host<'_> {
+        Host {
+            devices: &self.devices,
+            prober: &self.prober,
+            tables: &self.tables,
+        }
+    }
+
+    /// What the plan would see now: the device's fingerprint and verdict.
+    fn plan(&self, lp: &Loop) -> (Fingerprint, Verdict) {
+        let mut inv = disklet::scan::observe(&self.devices, &self.prober, &self.tables).unwrap();
+        let decisions = disklet::scan::decide_all(&mut inv, &self.cfg, &self.classes, &self.prober);
+        let i = inv
+            .devices
+            .iter()
+            .position(|d| d.devnode == lp.dev)
+            .unwrap();
+        (
+            Fingerprint::of(&inv.devices[i], &inv),
+            decisions[i].verdict.clone(),
+        )
+    }
+
+    fn format(
+        &self,
+        lp: &Loop,
+        fp: &Fingerprint,
+        f: &dyn Formatter,
+    ) -> Result<String, FormatError> {
+        format_safely(
+            &lp.name(),
+            fp,
+            "t",
+            FsType::Xfs,
+            &self.cfg,
+            &self.classes,
+            &self.host(),
+            f,
+        )
+    }
+}
+
+fn blank(dir: &std::path::Path, name: &str) -> Loop {
+    let lp = Loop::new(dir, name, 320);
+    lp.assert_ours();
+    lp
+}
+
+#[test]
+fn a_blank_disk_is_formatted_with_our_label_and_the_returned_uuid() {
+    if skip_unless_root("format happy path") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path());
+    let lp = blank(dir.path(), "ok");
+    let (fp, v) = s.plan(&lp);
+    assert_eq!(v, Verdict::Eligible);
+    let uuid = s.format(&lp, &fp, &MkfsFormatter::default()).unwrap();
+    assert_eq!(blkid(lp.path(), "UUID"), uuid);
+    assert_eq!(blkid(lp.path(), "LABEL"), "disklet");
+    assert!(
+        matches!(s.plan(&lp).1, Verdict::Ours { .. }),
+        "now ours, never eligible again"
+    );
+}
+
+#[test]
+fn every_change_after_planning_stops_the_format() {
+    if skip_unless_root("format interlocks") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path());
+    let rec = RecordingFormatter::default();
+
+    // Someone puts a filesystem on it after the plan.
+    let a = blank(dir.path(), "a");
+    let (fp, _) = s.plan(&a);
+    sh(&["mkfs.ext4", "-q", a.path()]);
+    let uuid_a = blkid(a.path(), "UUID");
+    let e = s.format(&a, &fp, &rec).unwrap_err();
+    assert_eq!(e.kind(), "device-changed", "{e}");
+    assert!(e.to_string().contains("signatures"), "{e}");
+
+    // Someone mounts it (a filesystem they created: the signature changes too,
+    // so plan after mkfs, then mount).
+    let b = blank(dir.path(), "b");
+    sh(&["mkfs.ext4", "-q", b.path()]);
+    let (fp_b, _) = s.plan(&b);
+    let _m = Mounted::new(b.path(), &dir.path().join("mnt-b"));
+    let e = s.format(&b, &fp_b, &rec).unwrap_err();
+    assert_eq!(e.kind(), "device-changed", "{e}");
+    assert!(e.to_string().contains("mounted"), "{e}");
+
+    // Another process opens it exclusively.
+    let c = blank(dir.path(), "c");
+    let (fp_c, _) = s.plan(&c);
+    let holder = ExclusiveHolder::new(c.path());
+    let e = s.format(&c, &fp_c, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+    assert!(e.to_string().contains("busy"), "{e}");
+    drop(holder);
+
+    // Another tool holds the device lock (as udevd does while probing).
+    let d = blank(dir.path(), "d");
+    let (fp_d, _) = s.plan(&d);
+    let mut locker = std::process::Command::new("flock")
+        .args(["--exclusive", d.path(), "sh", "-c", "echo locked; read x"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let e = s.format(&d, &fp_d, &rec).unwrap_err();
+    assert_eq!(e.kind(), "locked", "{e}");
+    let _ = locker.kill();
+    let _ = locker.wait();
+
+    // The kernel name now belongs to a different disk.
+    let e_file = dir.path().join("e.img");
+    let e1 = blank(dir.path(), "e");
+    let (fp_e, _) = s.plan(&e1);
+    let name = e1.path().to_string();
+    drop(e1);
+    std::fs::rename(&e_file, dir.path().join("e-old.img")).unwrap();
+    let other = Loop::new(dir.path(), "e", 320); // a new file, same path pattern
+    if other.path() == name {
+        let e = s.format(&other, &fp_e, &rec).unwrap_err();
+        assert_eq!(e.kind(), "device-changed", "{e}");
+    } else {
+        eprintln!("note: the kernel gave the replacement another loop name; the stale plan targets a gone device");
+        let e = format_safely(
+            name.trim_start_matches("/dev/"),
+            &fp_e,
+            "t",
+            FsType::Xfs,
+            &s.cfg,
+            &s.classes,
+            &s.host(),
+            &rec,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e.kind(), "device-changed" | "open" | "not-eligible"),
+            "{e}"
+        );
+    }
+
+    // A device that was never eligible, with a forged fingerprint that matches.
+    let f = Loop::new(dir.path(), "f", 320);
+    sh(&["mkfs.btrfs", "-q", f.path()]);
+    let (fp_f, v) = s.plan(&f);
+    assert_eq!(v.refused().map(|r| r.as_str()), Some("foreign-filesystem"));
+    let e = s.format(&f, &fp_f, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+
+    assert!(
+        rec.calls().is_empty(),
+        "mkfs must never have been called: {:?}",
+        rec.calls()
+    );
+    assert_eq!(
+        blkid(a.path(), "UUID"),
+        uuid_a,
+        "the ext4 put there after planning is intact"
+    );
+    assert_eq!(blkid(f.path(), "TYPE"), "btrfs");
+}
+
+#[test]
+fn mkfs_itself_never_overwrites_a_filesystem() {
+    if skip_unless_root("mkfs without force") {
+        return;
+    }
+    // The last line of defence: even called directly, past every interlock,
+    // our mkfs command lines carry no force flag and refuse.
+    let dir = tempfile::tempdir().unwrap();
+    for (fs, existing) in [(FsType::Xfs, "mkfs.ext4"), (FsType::Ext4, "mkfs.xfs")] {
+        let lp = Loop::new(dir.path(), existing, 320);
+        sh(&[existing, "-q", lp.path()]);
+        let before = blkid(lp.path(), "UUID");
+        let e = MkfsFormatter::default().mkfs(&lp.dev, fs, "6a1f3c84-3c39-4c8e-a5f0-8b1d2b7f0c11");
+        assert!(e.is_err(), "mkfs {} overwrote {existing}", fs.as_str());
+        assert_eq!(blkid(lp.path(), "UUID"), before);
+    }
+}

@@ -1,0 +1,387 @@
+//! The provisioning plan, pure: which disks are formatted, mounted and
+//! published, and what is left alone.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use disklet::config::Config;
+use disklet::k8s::pv::build_pv;
+use disklet::model::*;
+use disklet::plan::{evaluate, plan, Action, Classes, NodeFacts, PlanInput};
+
+const CFG: &str = r#"
+hostDir: /var/lib/disklet
+classes:
+  - name: fast
+    storageClassName: local-fast
+    mountOptions: [noatime]
+    selector: {paths: ["/dev/sd*"]}
+  - name: raw
+    storageClassName: local-raw
+    volumeMode: Block
+    selector: {paths: ["/dev/nvme*"]}
+  - name: dirs
+    storageClassName: local-fast
+    discoveryDirs: [/mnt/disks]
+"#;
+
+fn disk(name: &str, minor: u32) -> Device {
+    let mut d = Device::new(name, DevNo::new(8, minor), DeviceKind::Disk);
+    d.size_bytes = 100 << 30;
+    d.probe = Probe::Done {
+        signatures: vec![],
+        zeroed: Some(true),
+    };
+    d.exclusive = Exclusive::Free;
+    d.serial = Some(format!("SER-{name}"));
+    d
+}
+
+fn ours(name: &str, minor: u32, uuid: &str) -> Device {
+    let mut d = disk(name, minor);
+    d.probe = Probe::Done {
+        signatures: vec![Signature {
+            kind: "xfs".into(),
+            offset: 0,
+            uuid: Some(uuid.into()),
+            label: Some(OWNER_LABEL.into()),
+        }],
+        zeroed: None,
+    };
+    d
+}
+
+fn mount(d: &Device, at: &str) -> MountEntry {
+    MountEntry {
+        mount_id: 1,
+        parent_id: 0,
+        devno: d.devno,
+        root: "/".into(),
+        mount_point: at.into(),
+        options: "rw".into(),
+        fs_type: "xfs".into(),
+        source: d.devnode.display().to_string(),
+    }
+}
+
+struct World {
+    cfg: Config,
+    classes: Classes,
+    inv: Inventory,
+    mounts: BTreeMap<PathBuf, MountFact>,
+    dirs: Vec<DirEntry>,
+    pvs: Vec<k8s_openapi::api::core::v1::PersistentVolume>,
+    scs: BTreeMap<String, Option<ScInfo>>,
+    node: NodeInfo,
+}
+
+fn world(devices: Vec<Device>, mounts: Vec<MountEntry>) -> World {
+    let cfg = Config::parse(CFG).unwrap();
+    let classes = Classes::compile(&cfg).unwrap();
+    let mut root = Device::new("vda", DevNo::new(254, 0), DeviceKind::Disk);
+    root.size_bytes = 10 << 30;
+    let mut all = vec![root.clone()];
+    all.extend(devices);
+    let mut m = vec![mount(&root, "/")];
+    m.extend(mounts);
+    let sc = ScInfo {
+        reclaim_policy: "Delete".into(),
+        mount_options: vec![],
+    };
+    World {
+        cfg,
+        classes,
+        inv: Inventory {
+            devices: all,
+            mounts: m,
+            swaps: vec![],
+        },
+        mounts: BTreeMap::new(),
+        dirs: vec![],
+        pvs: vec![],
+        scs: [
+            ("local-fast".to_string(), Some(sc.clone())),
+            ("local-raw".to_string(), Some(sc)),
+        ]
+        .into(),
+        node: NodeInfo {
+            name: "n1".into(),
+            uid: "u1".into(),
+            hostname: "n1".into(),
+            labels: BTreeMap::new(),
+        },
+    }
+}
+
+impl World {
+    fn plan(&self) -> Vec<Action> {
+        let facts = NodeFacts::new(&self.inv, &self.cfg.host_dir, &self.cfg.kubelet_dir);
+        let decisions: Vec<_> = self
+            .inv
+            .devices
+            .iter()
+            .map(|d| evaluate(d, &self.inv, &self.classes, &facts, None))
+            .collect();
+        plan(&PlanInput {
+            cfg: &self.cfg,
+            classes: &self.classes,
+            inv: &self.inv,
+            decisions: &decisions,
+            mounts: &self.mounts,
+            dirs: &self.dirs,
+            pvs: &self.pvs,
+            node: &self.node,
+            scs: &self.scs,
+        })
+    }
+}
+
+fn kinds(a: &[Action]) -> Vec<&'static str> {
+    a.iter()
+        .map(|a| match a {
+            Action::Format { .. } => "format",
+            Action::Mount { .. } => "mount",
+            Action::MakeVolDir { .. } => "vol-dir",
+            Action::ApplyPv { create: true, .. } => "create-pv",
+            Action::ApplyPv { create: false, .. } => "update-pv",
+            Action::Report { reason, .. } => reason,
+        })
+        .collect()
+}
+
+#[test]
+fn eligible_disks_are_formatted_only_when_their_class_can_publish() {
+    let mut w = world(vec![disk("sda", 0), disk("sdb", 16)], vec![]);
+    let a = w.plan();
+    assert_eq!(kinds(&a), ["format", "format"]);
+    if let Action::Format {
+        device,
+        class,
+        fingerprint,
+        ..
+    } = &a[0]
+    {
+        assert_eq!((device.as_str(), class.as_str()), ("sda", "fast"));
+        assert_eq!(fingerprint.devno, DevNo::new(8, 0));
+    }
+    w.scs.insert("local-fast".into(), None);
+    assert_eq!(
+        kinds(&w.plan()),
+        ["StorageClassMissing"],
+        "no format, one report for two disks"
+    );
+}
+
+#[test]
+fn ours_is_mounted_then_given_a_vol_dir_then_published() {
+    let d = ours("sda", 0, "u-1");
+    let target = "/var/lib/disklet/fast/u-1";
+    let w = world(vec![d.clone()], vec![]);
+    let a = w.plan();
+    assert_eq!(kinds(&a), ["mount"]);
+    if let Action::Mount {
+        target: t,
+        fs_type,
+        options,
+        ..
+    } = &a[0]
+    {
+        assert_eq!(t, &PathBuf::from(target));
+        assert_eq!(fs_type, "xfs");
+        assert_eq!(options, &vec!["noatime".to_string()]);
+    }
+
+    let mut w = world(vec![d.clone()], vec![mount(&d, target)]);
+    w.mounts.insert(
+        target.into(),
+        MountFact {
+            vol_dir: false,
+            capacity_bytes: 5,
+        },
+    );
+    assert_eq!(kinds(&w.plan()), ["vol-dir"]);
+
+    w.mounts.insert(
+        target.into(),
+        MountFact {
+            vol_dir: true,
+            capacity_bytes: 99 << 30,
+        },
+    );
+    let a = w.plan();
+    assert_eq!(kinds(&a), ["create-pv"]);
+    let Action::ApplyPv { pv, .. } = &a[0] else {
+        unreachable!()
+    };
+    let s = pv.spec.as_ref().unwrap();
+    assert_eq!(s.local.as_ref().unwrap().path, format!("{target}/vol"));
+    assert_eq!(
+        s.capacity.as_ref().unwrap()["storage"].0,
+        (99u64 << 30).to_string()
+    );
+
+    // Published and unchanged: nothing to do. Released: left to the recycler.
+    w.pvs = vec![(**pv).clone()];
+    assert!(w.plan().is_empty());
+    let mut released = (**pv).clone();
+    released.spec.as_mut().unwrap().capacity = Some(
+        [(
+            "storage".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("1".into()),
+        )]
+        .into(),
+    );
+    w.pvs = vec![released.clone()];
+    assert_eq!(
+        kinds(&w.plan()),
+        ["update-pv"],
+        "a drifted PV is re-applied"
+    );
+    released.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+        phase: Some("Released".into()),
+        ..Default::default()
+    });
+    w.pvs = vec![released];
+    assert!(
+        w.plan().is_empty(),
+        "a Released PV is not touched by provisioning"
+    );
+}
+
+#[test]
+fn ours_mounted_elsewhere_under_host_dir_is_reported_not_remounted() {
+    let d = ours("sda", 0, "u-1");
+    let w = world(
+        vec![d.clone()],
+        vec![mount(&d, "/var/lib/disklet/old-class/u-1")],
+    );
+    assert_eq!(kinds(&w.plan()), ["MountedElsewhere"]);
+}
+
+#[test]
+fn block_disks_are_published_raw_by_stable_path() {
+    let mut d = Device::new("nvme0n1", DevNo::new(259, 0), DeviceKind::Disk);
+    d.size_bytes = 1 << 40;
+    d.probe = Probe::Done {
+        signatures: vec![],
+        zeroed: Some(true),
+    };
+    d.exclusive = Exclusive::Free;
+    d.wwid = Some("eui.1".into());
+    d.links = vec![
+        "/dev/disk/by-path/pci-0".into(),
+        "/dev/disk/by-id/nvme-X".into(),
+    ];
+    let w = world(vec![d.clone()], vec![]);
+    let a = w.plan();
+    assert_eq!(kinds(&a), ["create-pv"]);
+    let Action::ApplyPv { pv, .. } = &a[0] else {
+        unreachable!()
+    };
+    let s = pv.spec.as_ref().unwrap();
+    assert_eq!(s.local.as_ref().unwrap().path, "/dev/disk/by-id/nvme-X");
+    assert_eq!(s.volume_mode.as_deref(), Some("Block"));
+    assert_eq!(
+        s.capacity.as_ref().unwrap()["storage"].0,
+        (1u64 << 40).to_string()
+    );
+    assert_eq!(
+        pv.metadata.annotations.as_ref().unwrap()["disklet.io/device-id"],
+        "wwn:eui.1"
+    );
+
+    let mut anon = d;
+    anon.wwid = None;
+    anon.links.clear();
+    assert_eq!(
+        kinds(&world(vec![anon], vec![]).plan()),
+        ["NoStableIdentity"]
+    );
+}
+
+#[test]
+fn discovery_dir_entries_of_the_right_kind_become_pvs() {
+    let mut w = world(vec![], vec![]);
+    w.dirs = vec![
+        DirEntry {
+            class: "dirs".into(),
+            path: "/mnt/disks/a".into(),
+            kind: DirEntryKind::MountPoint {
+                capacity_bytes: 7 << 30,
+                devno: DevNo::new(8, 1),
+            },
+        },
+        DirEntry {
+            class: "dirs".into(),
+            path: "/mnt/disks/b".into(),
+            kind: DirEntryKind::BlockLink {
+                target: "/dev/sdq".into(),
+                size_bytes: 1,
+            },
+        },
+        DirEntry {
+            class: "dirs".into(),
+            path: "/mnt/disks/c".into(),
+            kind: DirEntryKind::Other,
+        },
+    ];
+    let a = w.plan();
+    assert_eq!(
+        kinds(&a),
+        ["create-pv"],
+        "only the mount point, in a Filesystem class"
+    );
+    let Action::ApplyPv { pv, .. } = &a[0] else {
+        unreachable!()
+    };
+    assert_eq!(
+        pv.spec.as_ref().unwrap().local.as_ref().unwrap().path,
+        "/mnt/disks/a"
+    );
+}
+
+#[test]
+fn refused_devices_cause_no_action() {
+    let mut foreign = disk("sda", 0);
+    foreign.probe = Probe::Done {
+        signatures: vec![Signature {
+            kind: "ext4".into(),
+            offset: 0,
+            uuid: None,
+            label: None,
+        }],
+        zeroed: None,
+    };
+    let busy = {
+        let mut d = disk("sdb", 16);
+        d.exclusive = Exclusive::Busy;
+        d
+    };
+    let mut held = disk("sdc", 32);
+    held.holders = vec!["dm-0".into()];
+    assert!(world(vec![foreign, busy, held], vec![]).plan().is_empty());
+}
+
+#[test]
+fn pv_names_do_not_depend_on_kernel_names() {
+    // Same filesystem, found under another kernel name after a reboot: same PV.
+    let node = NodeInfo {
+        name: "n1".into(),
+        ..Default::default()
+    };
+    let v = |path: &str| Volume {
+        key: "fs:u-1".into(),
+        class: "fast".into(),
+        mode: disklet::config::VolumeMode::Filesystem,
+        path: path.into(),
+        capacity_bytes: 1,
+        fs_type: None,
+        annotations: BTreeMap::new(),
+    };
+    let sc = ScInfo::default();
+    assert_eq!(
+        build_pv(&v("/a"), &node, "s", &sc, &[]).metadata.name,
+        build_pv(&v("/b"), &node, "s", &sc, &[]).metadata.name
+    );
+}

@@ -1,0 +1,278 @@
+//! Harness for end-to-end tests of the real `disklet run` binary against the
+//! fake API server on real loop devices.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use disklet_fakeapi::{FakeApiServer, Options};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::Api;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+
+use serde_json::json;
+
+/// The fake API server, seeded with a Node and a StorageClass, and a client.
+pub struct Env {
+    pub server: FakeApiServer,
+    pub kubeconfig: PathBuf,
+    pub client: kube::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn env() -> Env {
+    let server = FakeApiServer::start(Options::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(cfg).unwrap();
+    let env = Env {
+        server,
+        kubeconfig,
+        client,
+        dir,
+    };
+    env.node("node-a", "host-a-label").await;
+    env.server
+        .store()
+        .create(json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "local-fast"},
+            "provisioner": "kubernetes.io/no-provisioner",
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "reclaimPolicy": "Delete",
+            "allowVolumeExpansion": false,
+            "mountOptions": ["noatime"]
+        }))
+        .await
+        .unwrap();
+    env
+}
+
+impl Env {
+    /// A Node whose hostname label differs from its name, in zone z1.
+    pub async fn node(&self, name: &str, hostname: &str) {
+        self.server
+            .store()
+            .create(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": hostname, "topology.kubernetes.io/zone": "z1"}}
+            }))
+            .await
+            .unwrap();
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pvs(&self) -> Api<PersistentVolume> {
+        Api::all(self.client.clone())
+    }
+
+    /// Waits, on the watch, until `pred` holds for the PVs matching `selector`.
+    pub async fn wait_pvs(
+        &self,
+        selector: &str,
+        what: &str,
+        pred: impl Fn(&[PersistentVolume]) -> bool,
+    ) -> Vec<PersistentVolume> {
+        let (reader, writer) = reflector::store::<PersistentVolume>();
+        let stream =
+            watcher(self.pvs(), watcher::Config::default().labels(selector)).reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        // The watch is driven here; every object it delivers updates the
+        // store, after which the predicate is checked.
+        let wait = async {
+            loop {
+                match stream.next().await {
+                    // Partial states during the initial list are not checked.
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => panic!("PV watch failed: {e}"),
+                    None => panic!("PV watch ended"),
+                }
+                let now: Vec<PersistentVolume> =
+                    reader.state().iter().map(|p| (**p).clone()).collect();
+                if pred(&now) {
+                    return now;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+    }
+
+    /// Events the agent published, as (type, reason, note).
+    pub async fn events(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for r in ["events.events.k8s.io", "events"] {
+            for e in self.server.store().list(r).await.unwrap_or_default() {
+                let s = |k: &str| {
+                    e.get(k)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let note = if e.get("note").is_some() {
+                    s("note")
+                } else {
+                    s("message")
+                };
+                out.push((s("type"), s("reason"), note));
+            }
+        }
+        out
+    }
+}
+
+/// A running `disklet run`, killed with SIGKILL on drop. Its stderr goes to
+/// a log file and to a channel the test reads markers from.
+pub struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(env: &Env, name: &str, node: &str, config: &str) -> Agent {
+        Self::start_with(env, name, node, config, &[])
+    }
+
+    /// With extra arguments (e.g. `--log-format json`).
+    pub fn start_with(env: &Env, name: &str, node: &str, config: &str, extra: &[&str]) -> Agent {
+        let cfg = env.path().join(format!("{name}.yaml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = env.path().join(format!("{name}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_disklet"))
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--node-name",
+                node,
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("RUST_LOG", "disklet=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(file, "{line}");
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining into the file.
+                }
+            }
+        });
+        Agent {
+            child,
+            lines: rx,
+            log,
+        }
+    }
+
+    /// Blocks until a log line containing `marker` appears (the agent's own
+    /// signal), at most 60 s.
+    pub fn wait_log(&self, marker: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(marker) => return l,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no log line with {marker:?} within 60s; log: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// The next log line, if one comes within `timeout`.
+    pub fn recv_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            eprintln!(
+                "--- agent log {} (last 80 lines) ---\n{tail}",
+                self.log.display()
+            );
+        }
+    }
+}
+
+/// Unmounts everything mounted under a directory (deepest first) on drop:
+/// the agent's mounts outlive it by design.
+pub struct MountSweeper(pub PathBuf);
+
+impl MountSweeper {
+    pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut v: Vec<PathBuf> = disklet::host::mountinfo::parse_mountinfo(&text)
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(dir))
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        v
+    }
+
+    pub fn sweep(&self) {
+        for m in Self::mounts_under(&self.0) {
+            if nix::mount::umount(&m).is_err() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+impl Drop for MountSweeper {
+    fn drop(&mut self) {
+        self.sweep();
+    }
+}
+
+pub fn blkid(dev: &str, tag: &str) -> String {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", tag, dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
