@@ -8,7 +8,9 @@
 pub mod config;
 pub mod host;
 pub mod k8s;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
 pub mod scan;
+pub mod server;

@@ -56,6 +56,9 @@ enum Command {
         /// This node's name (spec.nodeName in the DaemonSet).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:9403")]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -98,12 +101,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, node_name } => {
+        Command::Run {
+            config,
+            node_name,
+            listen,
+        } => {
             let cfg = match load_config(Some(&config)) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match run_agent(cfg, node_name) {
+            match run_agent(cfg, node_name, listen) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("disklet run: {e:#}");
@@ -114,7 +121,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_agent(cfg: Config, node_name: String) -> anyhow::Result<()> {
+fn run_agent(cfg: Config, node_name: String, listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let classes = Classes::compile(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -128,7 +135,8 @@ fn run_agent(cfg: Config, node_name: String) -> anyhow::Result<()> {
             Box::new(disklet::host::format::MkfsFormatter::default()),
             Box::new(disklet::host::mounter::SysMounter),
         );
-        tracing::info!(node = node_name, "disklet agent starting");
+        let addr = disklet::server::serve(listen, agent.metrics.clone(), agent.status.clone()).await?;
+        tracing::info!(node = node_name, %addr, "disklet agent starting; serving /metrics, /healthz, /readyz");
         agent.run(shutdown_signal()).await?;
         tracing::info!("disklet agent stopped; mounts are left in place for the pods using them");
         Ok(())

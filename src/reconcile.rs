@@ -70,6 +70,7 @@ pub struct Agent {
     pub formatter: Box<dyn Formatter>,
     pub mounter: Box<dyn Mounter>,
     pub status: Arc<Status>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Per device: what it looked like and since when.
     stable: HashMap<String, (Fingerprint, Instant)>,
     /// Reports already published, to keep Events from repeating every pass.
@@ -98,6 +99,7 @@ impl Agent {
             formatter,
             mounter,
             status: Arc::new(Status::default()),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             stable: HashMap::new(),
             reported: HashMap::new(),
         }
@@ -174,7 +176,17 @@ impl Agent {
         for c in &self.cfg.classes {
             let n = c.storage_class();
             if let std::collections::btree_map::Entry::Vacant(e) = scs.entry(n.to_string()) {
-                e.insert(self.kube.storage_class(n).await?);
+                let sc = self.kube.storage_class(n).await;
+                self.metrics.api("get-storageclass", sc.is_ok());
+                let sc = sc?;
+                let missing = crate::metrics::ScLabels {
+                    storageclass: n.to_string(),
+                };
+                self.metrics
+                    .storageclass_missing
+                    .get_or_create(&missing)
+                    .set(i64::from(sc.is_none()));
+                e.insert(sc);
             }
         }
         Ok(scs)
@@ -182,9 +194,32 @@ impl Agent {
 
     /// One pass: observe, plan, act.
     pub async fn reconcile(&mut self, pvs: &[PersistentVolume]) -> Result<Outcome, ReconcileError> {
-        let (node, node_obj) = self.kube.node_info().await?;
+        let started = Instant::now();
+        let node = self.kube.node_info().await;
+        self.metrics.api("get-node", node.is_ok());
+        let (node, node_obj) = node?;
         let scs = self.storage_classes().await?;
         let observed = tokio::task::block_in_place(|| self.observe())?;
+        self.metrics.devices.clear();
+        for d in &observed.decisions {
+            let l = crate::metrics::DeviceLabels {
+                verdict: d.verdict.name().into(),
+                reason: d.verdict.reason_code().unwrap_or("").into(),
+            };
+            self.metrics.devices.get_or_create(&l).inc();
+        }
+        self.metrics.pvs.clear();
+        for p in pvs {
+            let phase = p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_else(|| "Pending".into());
+            self.metrics
+                .pvs
+                .get_or_create(&crate::metrics::PhaseLabels { phase })
+                .inc();
+        }
         let actions = plan(&PlanInput {
             cfg: &self.cfg,
             classes: &self.classes,
@@ -207,6 +242,10 @@ impl Agent {
             }
         }
         self.status.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.metrics.reconciles.inc();
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(out)
     }
 
@@ -243,6 +282,9 @@ impl Agent {
                         self.formatter.as_ref(),
                     )
                 });
+                self.metrics
+                    .format_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 match r {
                     Ok(uuid) => {
                         info!(
@@ -268,6 +310,7 @@ impl Agent {
                         true
                     }
                     Err(e) => {
+                        self.metrics.error(&format!("format-{}", e.kind()));
                         warn!(device, class, error = %e, "format refused or failed");
                         self.kube
                             .event(node_obj, true, "FormatFailed", "Format", e.to_string())
@@ -304,10 +347,17 @@ impl Agent {
                     warn!(device, "device changed before mount; not mounting");
                     return false;
                 }
+                let started = Instant::now();
                 let r = tokio::task::block_in_place(|| {
                     self.mounter.mount(&devnode, &target, &fs_type, &options)?;
                     make_vol_dir(&target)
                 });
+                self.metrics
+                    .mount_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if r.is_err() {
+                    self.metrics.error("mount");
+                }
                 match r {
                     Ok(()) => {
                         info!(device, target = %target.display(), "mounted");
@@ -343,7 +393,9 @@ impl Agent {
             },
             Action::ApplyPv { pv, create } => {
                 let name = pv.metadata.name.clone().unwrap_or_default();
-                match self.kube.apply_pv(&pv).await {
+                let applied = self.kube.apply_pv(&pv).await;
+                self.metrics.api("apply-pv", applied.is_ok());
+                match applied {
                     Ok(applied) => {
                         info!(pv = name, create, "PV applied");
                         if create {
@@ -480,6 +532,10 @@ impl Agent {
                     }
                     Err(e) => {
                         self.status.errors.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.error(match &e {
+                            ReconcileError::Kube(k) => k.kind(),
+                            ReconcileError::Host(_) => "host",
+                        });
                         warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed");
                         wake_at = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -124,7 +124,7 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
     let fs_size = disklet::host::dirs::fs_capacity(&target).unwrap();
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        fs_size.to_string(),
+        disklet::k8s::pv::quantity(fs_size),
         "capacity is the filesystem's size"
     );
     assert!(fs_size > 250 << 20 && fs_size < 320 << 20);
@@ -160,6 +160,21 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
     );
     let uid = pv.metadata.uid.clone();
     let rv = pv.metadata.resource_version.clone();
+
+    // What a platform team's Prometheus and probes see. Format and mount are
+    // recorded before the PV is applied, so they are there now.
+    assert_eq!(agent.get("/healthz").0, 200);
+    assert_eq!(agent.get("/readyz").0, 200);
+    let (code, metrics) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "disklet_devices{verdict=\"ours\",reason=\"\"} 1",
+        "disklet_format_duration_seconds_count 1",
+        "disklet_mount_duration_seconds_count 1",
+        "disklet_storageclass_missing{storageclass=\"local-fast\"} 0",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
     let events = env.events().await;
     assert!(
         events
@@ -178,6 +193,20 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
     assert_eq!(pvs[0].metadata.uid, uid);
     assert_eq!(pvs[0].metadata.resource_version, rv, "nothing rewritten");
     assert_eq!(blkid(lp.path(), "UUID"), uuid, "not reformatted");
+    // The first reconcile after a restart starts from the listed PVs.
+    let (_, metrics) = agent.get("/metrics");
+    for want in [
+        "disklet_pvs{phase=\"Pending\"} 1",
+        "disklet_format_duration_seconds_count 0",
+        "disklet_api_calls_total{call=\"get-node\",result=\"ok\"}",
+        "disklet_reconciles_total",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("apply-pv"),
+        "nothing re-applied after a restart:\n{metrics}"
+    );
 
     // Simulated reboot: the agent is gone and so are its mounts.
     agent.kill();
@@ -249,9 +278,7 @@ async fn discovery_dirs_block_mode_and_a_missing_storage_class() {
     assert_eq!(spec(dir_pv).volume_mode.as_deref(), Some("Filesystem"));
     assert_eq!(
         spec(dir_pv).capacity.as_ref().unwrap()["storage"].0,
-        disklet::host::dirs::fs_capacity(&entry)
-            .unwrap()
-            .to_string()
+        disklet::k8s::pv::quantity(disklet::host::dirs::fs_capacity(&entry).unwrap())
     );
     assert_eq!(
         ann(dir_pv, "disklet.io/volume-key"),
@@ -275,7 +302,7 @@ async fn discovery_dirs_block_mode_and_a_missing_storage_class() {
     );
     assert_eq!(
         spec(raw_pv).capacity.as_ref().unwrap()["storage"].0,
-        (100u64 << 20).to_string(),
+        disklet::k8s::pv::quantity(100u64 << 20),
         "device size"
     );
     assert_eq!(

@@ -218,7 +218,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
     assert_eq!(s.local.as_ref().unwrap().path, format!("{target}/vol"));
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        (99u64 << 30).to_string()
+        disklet::k8s::pv::quantity(99u64 << 30)
     );
 
     // Published and unchanged: nothing to do. Released: left to the recycler.
@@ -284,7 +284,7 @@ fn block_disks_are_published_raw_by_stable_path() {
     assert_eq!(s.volume_mode.as_deref(), Some("Block"));
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        (1u64 << 40).to_string()
+        disklet::k8s::pv::quantity(1u64 << 40)
     );
     assert_eq!(
         pv.metadata.annotations.as_ref().unwrap()["disklet.io/device-id"],

@@ -101,13 +101,7 @@ pub fn build_pv(
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeSpec {
-            capacity: Some(
-                [(
-                    "storage".to_string(),
-                    Quantity(v.capacity_bytes.to_string()),
-                )]
-                .into(),
-            ),
+            capacity: Some([("storage".to_string(), Quantity(quantity(v.capacity_bytes)))].into()),
             access_modes: Some(vec!["ReadWriteOnce".to_string()]),
             volume_mode: Some(match v.mode {
                 VolumeMode::Filesystem => "Filesystem".to_string(),
@@ -133,6 +127,17 @@ pub fn build_pv(
         }),
         status: None,
     }
+}
+
+/// Bytes as an exact Kubernetes quantity, with the largest binary suffix that
+/// divides them (`268435456` → `256Mi`), so `kubectl get pv` reads well.
+pub fn quantity(bytes: u64) -> String {
+    for (shift, suffix) in [(50, "Pi"), (40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
+        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// Whether an existing PV already says what `desired` says, for the fields
@@ -246,7 +251,11 @@ mod tests {
         );
         assert_eq!(v["metadata"]["annotations"]["disklet.io/fs-uuid"], "1234");
         let s = &v["spec"];
-        assert_eq!(s["capacity"]["storage"], "322961408");
+        assert_eq!(s["capacity"]["storage"], "308Mi");
+        assert_eq!(quantity(268435456), "256Mi");
+        assert_eq!(quantity(1 << 40), "1Ti");
+        assert_eq!(quantity(1000), "1000");
+        assert_eq!(quantity(0), "0");
         assert_eq!(s["accessModes"], serde_json::json!(["ReadWriteOnce"]));
         assert_eq!(s["volumeMode"], "Filesystem");
         assert_eq!(s["storageClassName"], "local-fast");

@@ -141,6 +141,8 @@ pub struct Agent {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub log: PathBuf,
+    /// Where it serves /metrics, /healthz and /readyz.
+    pub http: std::net::SocketAddr,
 }
 
 impl Agent {
@@ -150,9 +152,21 @@ impl Agent {
 
     /// With extra arguments (e.g. `--log-format json`).
     pub fn start_with(env: &Env, name: &str, node: &str, config: &str, extra: &[&str]) -> Agent {
-        let cfg = env.path().join(format!("{name}.yaml"));
+        Self::start_raw(&env.kubeconfig, env.path(), name, node, config, extra)
+    }
+
+    /// Against any API server (the fake one or a real cluster).
+    pub fn start_raw(
+        kubeconfig: &Path,
+        dir: &Path,
+        name: &str,
+        node: &str,
+        config: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, config).unwrap();
-        let log = env.path().join(format!("{name}.log"));
+        let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_disklet"))
             .args([
                 "run",
@@ -160,9 +174,11 @@ impl Agent {
                 cfg.to_str().unwrap(),
                 "--node-name",
                 node,
+                "--listen",
+                "127.0.0.1:0",
             ])
             .args(extra)
-            .env("KUBECONFIG", &env.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "disklet=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -184,11 +200,45 @@ impl Agent {
                 }
             }
         });
-        Agent {
+        let mut agent = Agent {
             child,
             lines: rx,
             log,
-        }
+            http: "0.0.0.0:0".parse().unwrap(),
+        };
+        let line = agent.wait_log("disklet agent starting");
+        let at = line
+            .find("127.0.0.1:")
+            .expect("bound address in the start line");
+        let addr: String = line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        agent.http = addr.parse().unwrap();
+        agent
+    }
+
+    /// A plain HTTP GET against the agent's health/metrics port.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     /// Blocks until a log line containing `marker` appears (the agent's own
