@@ -324,6 +324,15 @@ impl Config {
                 );
             }
         }
+        if self.host_dir == Path::new("/")
+            || self.host_dir.starts_with(&self.kubelet_dir)
+            || self.kubelet_dir.starts_with(&self.host_dir)
+        {
+            bad(
+                "hostDir".into(),
+                format!("{} must be a directory of its own, neither / nor inside or around kubeletDir {}", self.host_dir.display(), self.kubelet_dir.display()),
+            );
+        }
         let mut names = BTreeSet::new();
         for (i, c) in self.classes.iter().enumerate() {
             let k = |field: &str| format!("classes[{i}].{field}");
@@ -379,7 +388,25 @@ impl Config {
                     );
                 }
             }
+            if !s.backing_files.is_empty() && !s.types.contains(&DeviceKind::Loop) {
+                bad(
+                    k("selector.backingFiles"),
+                    "selects loop devices: add `loop` to types".into(),
+                );
+            }
+            for (j, o) in c.mount_options.iter().enumerate() {
+                if o == "nouuid" || o == "ro" {
+                    bad(k(&format!("mountOptions[{j}]")), format!("{o:?} is not allowed (nouuid disables xfs's duplicate-UUID guard; ro volumes cannot be used)"));
+                }
+            }
             for (j, g) in s.paths.iter().enumerate() {
+                let last = g.rsplit('/').next().unwrap_or("");
+                if !last.is_empty() && last.chars().all(|c| "*?[]!{},".contains(c)) {
+                    bad(
+                        k(&format!("selector.paths[{j}]")),
+                        format!("{g:?} matches every device there; name the disks, e.g. /dev/disk/by-id/nvme-Samsung_SSD_980*"),
+                    );
+                }
                 if !g.starts_with("/dev/") {
                     bad(k(&format!("selector.paths[{j}]")), format!("{g:?} must start with /dev/ (globs match device nodes and their /dev/disk/by-* links)"));
                 } else if let Err(e) = globset::Glob::new(g) {
@@ -419,6 +446,15 @@ impl Config {
                     bad(
                         k(&format!("discoveryDirs[{j}]")),
                         format!("{} is not an absolute path", d.display()),
+                    );
+                } else if d.starts_with(&self.host_dir) || self.host_dir.starts_with(d) {
+                    bad(
+                        k(&format!("discoveryDirs[{j}]")),
+                        format!(
+                            "{} overlaps hostDir {}: a volume would be published twice",
+                            d.display(),
+                            self.host_dir.display()
+                        ),
                     );
                 }
             }
@@ -604,6 +640,40 @@ classes:
         ] {
             assert!(keys.iter().any(|k| k == want), "missing {want} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn dangerous_shapes_are_refused() {
+        let keys = |t: &str| problems(t).into_iter().map(|p| p.key).collect::<Vec<_>>();
+        assert_eq!(keys("hostDir: /\nclasses: []"), ["hostDir"]);
+        assert_eq!(
+            keys("hostDir: /var/lib/kubelet/disklet\nclasses: []"),
+            ["hostDir"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, selector: {paths: ['/dev/*']}}]"),
+            ["classes[0].selector.paths[0]"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, selector: {paths: ['/dev/disk/by-id/*']}}]"),
+            ["classes[0].selector.paths[0]"]
+        );
+        assert!(Config::parse(
+            "classes: [{name: a, selector: {paths: ['/dev/disk/by-id/nvme-*']}}]"
+        )
+        .is_ok());
+        assert_eq!(
+            keys("classes: [{name: a, selector: {backingFiles: ['/x/*.img']}}]"),
+            ["classes[0].selector.backingFiles"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, mountOptions: [nouuid], selector: {paths: [/dev/sdb]}}]"),
+            ["classes[0].mountOptions[0]"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, discoveryDirs: [/var/lib/disklet/x]}]"),
+            ["classes[0].discoveryDirs[0]"]
+        );
     }
 
     #[test]

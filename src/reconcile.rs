@@ -107,7 +107,12 @@ impl Agent {
 
     /// Devices, decisions (with settle times), mount facts and discovery dirs.
     pub fn observe(&mut self) -> Result<Observed, HostError> {
-        let mut inv = crate::scan::observe(&self.devices, &self.prober, &self.tables)?;
+        let mut inv = crate::scan::observe_named(
+            &self.devices,
+            &self.prober,
+            &self.tables,
+            Some(&self.classes),
+        )?;
         let now = Instant::now();
         let mut seen = HashMap::new();
         for d in &inv.devices {
@@ -350,6 +355,16 @@ impl Agent {
                 let started = Instant::now();
                 let r = tokio::task::block_in_place(|| {
                     self.mounter.mount(&devnode, &target, &fs_type, &options)?;
+                    // The host must see it (mountPropagation: Bidirectional on
+                    // hostDir), or kubelet cannot use it and every pass would
+                    // stack another mount.
+                    if !self.host_sees_mount(&target, dev) {
+                        let _ = self.mounter.umount(&target);
+                        return Err(crate::host::mounter::MountError::NotPropagated {
+                            target: target.clone(),
+                            table: self.cfg.mount_info.clone(),
+                        });
+                    }
                     make_vol_dir(&target)
                 });
                 self.metrics
@@ -457,6 +472,18 @@ impl Agent {
                 false
             }
         }
+    }
+
+    /// Whether the configured (host) mount table shows `dev` at `target`.
+    fn host_sees_mount(&self, target: &Path, dev: &crate::model::Device) -> bool {
+        use crate::host::HostTables;
+        self.tables
+            .mounts()
+            .map(|ms| {
+                ms.iter()
+                    .any(|m| m.mount_point == target && m.devno == dev.devno)
+            })
+            .unwrap_or(false)
     }
 
     /// Runs until `shutdown` resolves. Mounts stay in place on exit: pods use them.

@@ -77,6 +77,19 @@ pub fn observe(
     prober: &dyn Prober,
     tables: &dyn HostTables,
 ) -> Result<Inventory, HostError> {
+    observe_named(devices, prober, tables, None)
+}
+
+/// Like `observe`, but with `only` the contents of devices a class names are
+/// probed (the agent's way: it has no business reading other disks, and a
+/// dead device elsewhere must not slow it down). `scan` probes everything to
+/// show the admin what is there.
+pub fn observe_named(
+    devices: &dyn BlockDevices,
+    prober: &dyn Prober,
+    tables: &dyn HostTables,
+    only: Option<&Classes>,
+) -> Result<Inventory, HostError> {
     let mut devs = devices.list()?;
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -87,7 +100,9 @@ pub fn observe(
         for part in devs.chunks_mut(chunk) {
             s.spawn(move || {
                 for d in part {
-                    d.probe = prober.probe(d);
+                    if only.is_none_or(|c| c.matching(d).is_some()) {
+                        d.probe = prober.probe(d);
+                    }
                 }
             });
         }

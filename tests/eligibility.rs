@@ -345,6 +345,56 @@ fn every_reason_code_in_a_table() {
             "/data",
         ),
         (
+            "same WWN as another disk",
+            Box::new(|| {
+                let mut a = blank();
+                a.wwid = Some("naa.5000c500".into());
+                let mut b = blank();
+                b.name = "sdy".into();
+                b.devnode = "/dev/sdy".into();
+                b.devno = DevNo::new(8, 48);
+                b.wwid = a.wwid.clone();
+                inventory(vec![a, b], vec![])
+            }),
+            Reason::DuplicateIdentity,
+            "same WWN as /dev/sdy",
+        ),
+        (
+            "same filesystem UUID as another device",
+            Box::new(|| {
+                let mut a = blank();
+                a.probe = Probe::Done {
+                    signatures: vec![Signature {
+                        label: Some(OWNER_LABEL.into()),
+                        ..sig("xfs")
+                    }],
+                    zeroed: None,
+                };
+                let mut b = a.clone();
+                b.name = "loop9".into();
+                b.devnode = "/dev/loop9".into();
+                b.devno = DevNo::new(7, 9);
+                b.kind = DeviceKind::Loop;
+                inventory(vec![a, b], vec![])
+            }),
+            Reason::DuplicateIdentity,
+            "filesystem UUID",
+        ),
+        (
+            "two loops over one file",
+            Box::new(|| {
+                let mut a = blank();
+                a.loop_backing_file = Some("/srv/disk.img".into());
+                let mut b = a.clone();
+                b.name = "loop9".into();
+                b.devnode = "/dev/loop9".into();
+                b.devno = DevNo::new(7, 9);
+                inventory(vec![a, b], vec![])
+            }),
+            Reason::DuplicateIdentity,
+            "loop backing file",
+        ),
+        (
             "probe failed",
             with(|d| {
                 d.probe = Probe::Failed {
@@ -715,6 +765,17 @@ fn a_disklet_filesystem_is_ours_and_never_eligible() {
         ],
     );
     assert!(matches!(decide(&inv).verdict, Verdict::Ours { .. }));
+
+    // Mounted by another CSI driver under the kubelet dir: not ours to use.
+    let inv = inventory(
+        vec![ours("u1")],
+        vec![mount(
+            DevNo::new(8, 16),
+            "/dev/sdx",
+            "/var/lib/kubelet/plugins/kubernetes.io/csi/ebs/globalmount",
+        )],
+    );
+    assert_eq!(decide(&inv).verdict, refused(Reason::Mounted));
 
     // Mounted anywhere else: refused.
     let inv = inventory(

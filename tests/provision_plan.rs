@@ -198,6 +198,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
         MountFact {
             vol_dir: false,
             capacity_bytes: 5,
+            vol_empty: false,
         },
     );
     assert_eq!(kinds(&w.plan()), ["vol-dir"]);
@@ -207,6 +208,20 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
         MountFact {
             vol_dir: true,
             capacity_bytes: 99 << 30,
+            vol_empty: false,
+        },
+    );
+    assert_eq!(
+        kinds(&w.plan()),
+        ["VolumeNotClean"],
+        "data with no PV naming it is never offered to a new claim"
+    );
+    w.mounts.insert(
+        target.into(),
+        MountFact {
+            vol_dir: true,
+            capacity_bytes: 99 << 30,
+            vol_empty: true,
         },
     );
     let a = w.plan();
@@ -342,7 +357,7 @@ fn discovery_dir_entries_of_the_right_kind_become_pvs() {
 }
 
 #[test]
-fn refused_devices_cause_no_action() {
+fn refused_devices_cause_no_action_only_a_report() {
     let mut foreign = disk("sda", 0);
     foreign.probe = Probe::Done {
         signatures: vec![Signature {
@@ -360,7 +375,19 @@ fn refused_devices_cause_no_action() {
     };
     let mut held = disk("sdc", 32);
     held.holders = vec!["dm-0".into()];
-    assert!(world(vec![foreign, busy, held], vec![]).plan().is_empty());
+    let a = world(vec![foreign, busy, held], vec![]).plan();
+    assert_eq!(kinds(&a), ["DiskSkipped", "DiskSkipped", "DiskSkipped"]);
+    let Action::Report {
+        message, warning, ..
+    } = &a[0]
+    else {
+        unreachable!()
+    };
+    assert!(!warning);
+    assert!(
+        message.contains("/dev/sda (class fast): foreign-filesystem: ext4"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -378,10 +405,101 @@ fn pv_names_do_not_depend_on_kernel_names() {
         capacity_bytes: 1,
         fs_type: None,
         annotations: BTreeMap::new(),
+        create_blocked: None,
     };
     let sc = ScInfo::default();
     assert_eq!(
         build_pv(&v("/a"), &node, "s", &sc, &[]).metadata.name,
         build_pv(&v("/b"), &node, "s", &sc, &[]).metadata.name
     );
+}
+
+#[test]
+fn a_blank_disk_named_by_one_of_our_pvs_is_never_formatted() {
+    let d = disk("sda", 0);
+    let mut w = world(vec![d.clone()], vec![]);
+    let mut pv = k8s_openapi::api::core::v1::PersistentVolume::default();
+    pv.metadata.name = Some("disklet-raw-1".into());
+    pv.metadata.annotations =
+        Some([("disklet.io/device-id".to_string(), d.identity().unwrap())].into());
+    w.pvs = vec![pv];
+    assert_eq!(kinds(&w.plan()), ["DeviceHasPv"]);
+}
+
+#[test]
+fn nothing_is_formatted_through_a_blind_mount_table() {
+    let mut w = world(vec![disk("sda", 0)], vec![]);
+    // A container's own table: / is an overlay, no block device under it.
+    w.inv.mounts = vec![MountEntry {
+        mount_id: 1,
+        parent_id: 0,
+        devno: DevNo::new(0, 50),
+        root: "/".into(),
+        mount_point: "/".into(),
+        options: "rw".into(),
+        fs_type: "overlay".into(),
+        source: "overlay".into(),
+    }];
+    assert_eq!(kinds(&w.plan()), ["HostMountTableBlind"]);
+}
+
+#[test]
+fn raw_volumes_need_a_link_that_survives_reboots() {
+    let mut d = Device::new("nvme0n1", DevNo::new(259, 0), DeviceKind::Disk);
+    d.size_bytes = 1 << 40;
+    d.probe = Probe::Done {
+        signatures: vec![],
+        zeroed: Some(true),
+    };
+    d.exclusive = Exclusive::Free;
+    d.wwid = Some("eui.1".into());
+    assert_eq!(
+        kinds(&world(vec![d.clone()], vec![]).plan()),
+        ["NoStableIdentity"],
+        "a WWN alone gives no path: /dev/nvme0n1 may be another disk after a reboot"
+    );
+    d.links = vec!["/dev/disk/by-path/pci-0000:01:00.0-nvme-1".into()];
+    let a = world(vec![d], vec![]).plan();
+    let Action::ApplyPv { pv, .. } = &a[0] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(
+        pv.spec.as_ref().unwrap().local.as_ref().unwrap().path,
+        "/dev/disk/by-path/pci-0000:01:00.0-nvme-1"
+    );
+}
+
+#[test]
+fn a_discovery_link_to_a_disk_in_use_is_refused() {
+    let text = "classes:\n  - name: rawdir\n    storageClassName: local-raw\n    volumeMode: Block\n    discoveryDirs: [/mnt/raw]\n";
+    let mut w = world(vec![], vec![]);
+    w.cfg = Config::parse(text).unwrap();
+    w.classes = Classes::compile(&w.cfg).unwrap();
+    let mut spare = disk("sdq", 64);
+    spare.serial = None;
+    w.inv.devices.push(spare);
+    w.dirs = vec![
+        DirEntry {
+            class: "rawdir".into(),
+            path: "/mnt/raw/os".into(),
+            kind: DirEntryKind::BlockLink {
+                target: "/dev/vda".into(),
+                size_bytes: 10 << 30,
+            },
+        },
+        DirEntry {
+            class: "rawdir".into(),
+            path: "/mnt/raw/spare".into(),
+            kind: DirEntryKind::BlockLink {
+                target: "/dev/sdq".into(),
+                size_bytes: 100 << 30,
+            },
+        },
+    ];
+    let a = w.plan();
+    assert_eq!(kinds(&a), ["DiscoveryLinkRefused", "create-pv"]);
+    let Action::Report { message, .. } = &a[0] else {
+        unreachable!()
+    };
+    assert!(message.contains("OS disk"), "{message}");
 }

@@ -95,7 +95,11 @@ impl Cmd {
                         nix::sys::signal::Signal::SIGKILL,
                     );
                 }
-                let _ = child.wait();
+                // A process stuck in uninterruptible sleep (a dead device)
+                // outlives SIGKILL: reap it elsewhere, never block on it here.
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
                 return Err(CmdError::Timeout {
                     cmd,
                     timeout: self.timeout,

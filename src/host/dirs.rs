@@ -12,9 +12,13 @@ pub fn fs_capacity(path: &Path) -> Option<u64> {
 
 /// Facts for a mount point disklet made.
 pub fn mount_fact(mount_point: &Path) -> MountFact {
+    let vol = crate::plan::provision::vol_dir(mount_point);
     MountFact {
-        vol_dir: crate::plan::provision::vol_dir(mount_point).is_dir(),
+        vol_dir: vol.is_dir(),
         capacity_bytes: fs_capacity(mount_point).unwrap_or(0),
+        vol_empty: std::fs::read_dir(&vol)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false),
     }
 }
 

@@ -19,6 +19,8 @@ pub enum MountError {
         fs: String,
         source: nix::errno::Errno,
     },
+    #[error("mounted {target}, but the host mount table {table} does not show it: hostDir needs mountPropagation: Bidirectional (unmounted again)")]
+    NotPropagated { target: PathBuf, table: PathBuf },
     #[error("umount {target} failed: {source}")]
     Umount {
         target: PathBuf,

@@ -132,11 +132,27 @@ impl Prober for BlkidProber {
             Err(error) => return Probe::Failed { error },
         };
         let zeroed = if signatures.is_empty() {
-            match ends_are_zero(&dev.devnode, dev.size_bytes) {
-                Ok(z) => Some(z),
-                Err(e) => {
+            // On a thread with a deadline: a read from a dead device can hang
+            // for ever, and must not take the agent with it.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (path, size) = (dev.devnode.clone(), dev.size_bytes);
+            std::thread::spawn(move || {
+                let _ = tx.send(ends_are_zero(&path, size));
+            });
+            match rx.recv_timeout(self.timeout) {
+                Ok(Ok(z)) => Some(z),
+                Ok(Err(e)) => {
                     return Probe::Failed {
                         error: format!("reading {}: {e}", dev.devnode.display()),
+                    }
+                }
+                Err(_) => {
+                    return Probe::Failed {
+                        error: format!(
+                            "reading {} did not finish within {:?}",
+                            dev.devnode.display(),
+                            self.timeout
+                        ),
                     }
                 }
             }

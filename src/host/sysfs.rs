@@ -52,6 +52,15 @@ fn dir_names(p: &Path) -> Vec<String> {
     v
 }
 
+/// Whether a device that looks like a disk is built by the kernel from other
+/// devices or from nothing. NVMe native multipath heads live under
+/// `virtual/nvme-subsystem` and are real disks.
+pub fn is_virtual_stack(canonical_sysfs_path: &str, has_slaves: bool) -> bool {
+    has_slaves
+        || (canonical_sysfs_path.contains("/devices/virtual/")
+            && !canonical_sysfs_path.contains("/devices/virtual/nvme-subsystem/"))
+}
+
 /// The kind of a device from its sysfs directory and kernel name.
 pub fn kind_of(dir: &Path, name: &str) -> DeviceKind {
     let prefixed = |p: &str| {
@@ -87,6 +96,20 @@ impl SysfsDevices {
         let dir = self.sys.join("class/block").join(name);
         let devno = DevNo::parse(&read(&dir.join("dev"))?)?;
         let kind = kind_of(&dir, name);
+        // A "disk" that the kernel builds from other devices or from nothing
+        // (bcache, drbd, zvols, ublk, pmem...) is not a disk an admin can
+        // dedicate: it is `other`, which no selector accepts by default.
+        let virtual_stack = is_virtual_stack(
+            &fs::canonicalize(&dir)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            !dir_names(&dir.join("slaves")).is_empty(),
+        );
+        let kind = if kind == DeviceKind::Disk && virtual_stack {
+            DeviceKind::Other
+        } else {
+            kind
+        };
         let mut d = Device::new(name, devno, kind);
         d.devnode = self.dev.join(name);
         // `size` is always in 512-byte sectors, whatever the logical block size.
@@ -155,8 +178,27 @@ impl BlockDevices for SysfsDevices {
             } else {
                 match self.udev.record(d.devno) {
                     None => UdevState::NotProcessed,
+                    // A record of an earlier medium under the same number
+                    // (a loop re-attached, media changed) is not this device's.
+                    Some(rec)
+                        if d.diskseq.is_some()
+                            && rec
+                                .properties
+                                .get("DISKSEQ")
+                                .is_some_and(|s| s.parse::<u64>().ok() != d.diskseq) =>
+                    {
+                        UdevState::NotProcessed
+                    }
                     Some(rec) => {
-                        d.links = rec.links;
+                        // Keep only links that lead to this very device now.
+                        d.links = rec
+                            .links
+                            .into_iter()
+                            .filter(|l| {
+                                let here = self.dev.join(l.strip_prefix("/dev").unwrap_or(l));
+                                fs::canonicalize(here).is_ok_and(|t| t == d.devnode)
+                            })
+                            .collect();
                         UdevState::Processed {
                             properties: rec.properties,
                         }
@@ -208,6 +250,9 @@ mod tests {
             "/tmp/disk with space.img\n",
         );
         w(&format!("{lp}/diskseq"), "42\n");
+        let bc = "sys/devices/virtual/block/bcache0";
+        w(&format!("{bc}/dev"), "252:0\n");
+        w(&format!("{bc}/size"), "1024\n");
         let l0 = "sys/devices/virtual/block/loop0";
         w(&format!("{l0}/dev"), "7:0\n");
         w(&format!("{l0}/size"), "0\n");
@@ -223,6 +268,7 @@ mod tests {
             ("loop3", lp.to_string()),
             ("loop0", l0.to_string()),
             ("dm-0", dm.to_string()),
+            ("bcache0", bc.to_string()),
         ] {
             symlink(root.join(target), root.join("sys/class/block").join(n)).unwrap();
             fs::create_dir_all(root.join("dev")).unwrap();
@@ -230,7 +276,21 @@ mod tests {
         }
         // A stale link, as a dead udevd leaves behind: never trusted.
         fs::create_dir_all(root.join("dev/disk/by-id")).unwrap();
+        fs::create_dir_all(root.join("dev/mapper")).unwrap();
         symlink("../../loop3", root.join("dev/disk/by-id/stale")).unwrap();
+        symlink(
+            "../../nvme0n1",
+            root.join("dev/disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456"),
+        )
+        .unwrap();
+        symlink(
+            "../../nvme0n1p1",
+            root.join("dev/disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456-part1"),
+        )
+        .unwrap();
+        symlink("../dm-0", root.join("dev/mapper/vg-lv")).unwrap();
+        // udev's record names this link, but on disk it leads elsewhere.
+        symlink("../../nvme0n1", root.join("dev/disk/by-id/dm-name-vg-lv")).unwrap();
         w("run/udev/data/b259:0", "S:disk/by-id/nvme-Samsung_SSD_980_1TB_S64ANS0T123456\nE:ID_SERIAL=Samsung_SSD_980_1TB_S64ANS0T123456\nE:DISKLET_CLASS=fast\n");
         w(
             "run/udev/data/b259:1",
@@ -288,11 +348,16 @@ mod tests {
         let names: Vec<&str> = devs.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(
             names,
-            ["dm-0", "loop3", "nvme0n1", "nvme0n1p1"],
+            ["bcache0", "dm-0", "loop3", "nvme0n1", "nvme0n1p1"],
             "unattached loop0 is skipped"
         );
+        assert_eq!(
+            devs[0].kind,
+            DeviceKind::Other,
+            "a virtual disk is not a disk"
+        );
 
-        let nv = &devs[2];
+        let nv = &devs[3];
         assert_eq!(nv.kind, DeviceKind::Disk);
         assert_eq!(nv.size_bytes, 2000409264 * 512);
         assert_eq!(nv.rotational, Some(false));
@@ -304,14 +369,14 @@ mod tests {
         assert_eq!(nv.identity().unwrap(), "wwn:eui.002538b111b22222");
         assert_eq!(nv.udev_properties().unwrap()["DISKLET_CLASS"], "fast");
 
-        let p = &devs[3];
+        let p = &devs[4];
         assert_eq!(p.kind, DeviceKind::Partition);
         assert_eq!(p.parent.as_deref(), Some("nvme0n1"));
         assert_eq!(p.holders, ["dm-0"]);
         assert_eq!(p.rotational, Some(false), "inherited from the disk");
         assert_eq!(p.serial.as_deref(), Some("S64ANS0T123456"));
 
-        let l = &devs[1];
+        let l = &devs[2];
         assert_eq!(l.kind, DeviceKind::Loop);
         assert!(l.read_only);
         assert_eq!(l.diskseq, Some(42));
@@ -320,17 +385,47 @@ mod tests {
             Some(PathBuf::from("/tmp/disk with space.img"))
         );
         assert_eq!(l.identity().unwrap(), "loop-file:/tmp/disk with space.img");
-        assert_eq!(l.udev, UdevState::NotProcessed, "no record yet");
+        assert_eq!(
+            l.udev,
+            UdevState::NotProcessed,
+            "the record is of the previous attachment"
+        );
         assert!(
             l.links.is_empty(),
             "the stale /dev/disk link is not believed"
         );
 
-        let dm = &devs[0];
+        let dm = &devs[1];
         assert_eq!(dm.kind, DeviceKind::Dm);
         assert_eq!(dm.slaves, ["nvme0n1p1"]);
-        assert_eq!(dm.links.len(), 2);
-        assert!(dm.links.iter().any(|l| l.ends_with("mapper/vg-lv")));
+        assert_eq!(
+            dm.links.len(),
+            1,
+            "a link that leads to another device is dropped: {:?}",
+            dm.links
+        );
+        assert!(dm.links[0].ends_with("mapper/vg-lv"));
+    }
+
+    #[test]
+    fn virtual_disks_are_told_from_real_ones() {
+        assert!(is_virtual_stack(
+            "/sys/devices/virtual/block/bcache0",
+            false
+        ));
+        assert!(is_virtual_stack("/sys/devices/virtual/block/drbd1", false));
+        assert!(!is_virtual_stack(
+            "/sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1",
+            false
+        ));
+        assert!(!is_virtual_stack(
+            "/sys/devices/pci0000:00/0000:00:04.0/virtio2/block/vda",
+            false
+        ));
+        assert!(
+            is_virtual_stack("/sys/devices/pci0000:00/x/block/sdz", true),
+            "built from other devices"
+        );
     }
 
     #[test]

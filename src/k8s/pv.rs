@@ -191,6 +191,7 @@ mod tests {
             capacity_bytes: 322_961_408,
             fs_type: None,
             annotations: [(ANN_FS_UUID.to_string(), "1234".to_string())].into(),
+            create_blocked: None,
         }
     }
 

@@ -74,6 +74,8 @@ pub struct MountFact {
     pub vol_dir: bool,
     /// Filesystem size in bytes (statvfs).
     pub capacity_bytes: u64,
+    /// `<mount>/vol` holds nothing: a new PV may be created for it.
+    pub vol_empty: bool,
 }
 
 /// An entry of a discovery dir.
@@ -109,4 +111,6 @@ pub struct Volume {
     pub fs_type: Option<String>,
     /// Identity annotations (`disklet.io/...`).
     pub annotations: BTreeMap<String, String>,
+    /// Why no *new* PV may be created for it (an existing one is kept).
+    pub create_blocked: Option<String>,
 }

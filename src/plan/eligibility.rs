@@ -33,6 +33,9 @@ pub enum Reason {
     OsDisk,
     HasHolders,
     HasPartitions,
+    /// Another device has the same WWN, serial, loop backing file or
+    /// filesystem UUID: two paths to one disk, or a clone. Both are refused.
+    DuplicateIdentity,
     /// Active swap on the device or one of its partitions.
     Swap,
     Mounted,
@@ -49,7 +52,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::NoClassMatches,
         Reason::Partition,
         Reason::TypeNotAllowed,
@@ -59,6 +62,7 @@ impl Reason {
         Reason::OsDisk,
         Reason::HasHolders,
         Reason::HasPartitions,
+        Reason::DuplicateIdentity,
         Reason::Swap,
         Reason::Mounted,
         Reason::ProbeFailed,
@@ -81,6 +85,7 @@ impl Reason {
             Reason::OsDisk => "os-disk",
             Reason::HasHolders => "has-holders",
             Reason::HasPartitions => "has-partitions",
+            Reason::DuplicateIdentity => "duplicate-identity",
             Reason::Swap => "swap",
             Reason::Mounted => "mounted",
             Reason::ProbeFailed => "probe-failed",
@@ -325,6 +330,13 @@ pub fn evaluate(
             format!("has partitions {}", dev.partitions.join(", ")),
         );
     }
+    if let Some((other, what)) = duplicate_of(dev, inv) {
+        return refuse(
+            class,
+            Reason::DuplicateIdentity,
+            format!("same {what} as {}", other.devnode.display()),
+        );
+    }
     if let Some(s) = inv.swaps_of(dev).next() {
         return refuse(
             class,
@@ -343,9 +355,7 @@ pub fn evaluate(
     // Our own mounts (under hostDir) and kubelet's bind mounts of our volumes
     // are expected for a disk that is ours; any other mount is not.
     let foreign_mount = inv.mounts_of(dev).find(|m| {
-        owned.is_none()
-            || !(m.mount_point.starts_with(&facts.host_dir)
-                || m.mount_point.starts_with(&facts.kubelet_dir))
+        owned.is_none() || !is_disklet_mount(&m.mount_point, &facts.host_dir, &facts.kubelet_dir)
     });
     if let Some(m) = foreign_mount {
         return refuse(
@@ -479,6 +489,85 @@ pub fn evaluate(
     }
 }
 
+/// Mounts a disklet disk may have: its own under hostDir, and kubelet's
+/// mounts of a local PV (`pods/<uid>/volumes/kubernetes.io~local-volume/<pv>`
+/// and `plugins/kubernetes.io/local-volume/mounts/<pv>`). Anything else under
+/// the kubelet dir (another CSI driver's mount) is a foreign mount.
+pub fn is_disklet_mount(mp: &Path, host_dir: &Path, kubelet_dir: &Path) -> bool {
+    if mp.starts_with(host_dir) {
+        return true;
+    }
+    let Ok(rest) = mp.strip_prefix(kubelet_dir) else {
+        return false;
+    };
+    let c: Vec<&str> = rest.iter().filter_map(|s| s.to_str()).collect();
+    matches!(
+        c.as_slice(),
+        ["pods", _, "volumes", "kubernetes.io~local-volume", _]
+            | ["plugins", "kubernetes.io", "local-volume", "mounts", _]
+    )
+}
+
+/// Another device that is the same disk or a copy of it, and what they share.
+fn duplicate_of<'a>(dev: &Device, inv: &'a Inventory) -> Option<(&'a Device, &'static str)> {
+    let fs_uuids = |d: &Device| -> Vec<String> {
+        d.signatures()
+            .iter()
+            .filter_map(|s| s.uuid.clone())
+            .collect()
+    };
+    let mine = fs_uuids(dev);
+    inv.devices.iter().find_map(|o| {
+        let related = o.name == dev.name
+            || o.parent.as_deref() == Some(&dev.name)
+            || dev.parent.as_deref() == Some(&o.name)
+            // A partition shares its disk's hardware identity with its sibling partitions.
+            || (o.parent.is_some() && o.parent == dev.parent);
+        if related {
+            return None;
+        }
+        let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+        if same(&dev.wwid, &o.wwid) {
+            Some((o, "WWN"))
+        } else if same(&dev.serial, &o.serial) && dev.kind == o.kind {
+            Some((o, "serial"))
+        } else if dev.loop_backing_file.is_some() && dev.loop_backing_file == o.loop_backing_file {
+            Some((o, "loop backing file"))
+        } else if fs_uuids(o).iter().any(|u| mine.contains(u)) {
+            Some((o, "filesystem UUID"))
+        } else {
+            None
+        }
+    })
+}
+
 fn kinds(k: &[DeviceKind]) -> String {
     k.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_local_volume_mounts_under_the_kubelet_dir_are_ours() {
+        let h = Path::new("/var/lib/disklet");
+        let k = Path::new("/var/lib/kubelet");
+        let ours = |p: &str| is_disklet_mount(Path::new(p), h, k);
+        assert!(ours("/var/lib/disklet/fast/u1"));
+        assert!(ours(
+            "/var/lib/kubelet/pods/0b1c/volumes/kubernetes.io~local-volume/disklet-fast-1"
+        ));
+        assert!(ours(
+            "/var/lib/kubelet/plugins/kubernetes.io/local-volume/mounts/disklet-fast-1"
+        ));
+        assert!(!ours(
+            "/var/lib/kubelet/plugins/kubernetes.io/csi/ebs/globalmount"
+        ));
+        assert!(!ours(
+            "/var/lib/kubelet/pods/0b1c/volumes/kubernetes.io~csi/pvc-1/mount"
+        ));
+        assert!(!ours("/var/lib/kubelet"));
+        assert!(!ours("/mnt/data"));
+    }
 }

@@ -78,12 +78,12 @@ pub fn vol_dir(mount_point: &Path) -> PathBuf {
     mount_point.join("vol")
 }
 
-/// A device path that survives reboots, best first: by-id, by-path, the node.
-pub fn stable_dev_path(dev: &Device) -> PathBuf {
+/// A device path that survives reboots: a by-id link, else a by-path link.
+/// Never the kernel name: after a reboot `/dev/sdb` may be another disk, and a
+/// Bound PV's path cannot change.
+pub fn stable_dev_path(dev: &Device) -> Option<PathBuf> {
     let pick = |prefix: &str| dev.links.iter().find(|l| l.starts_with(prefix)).cloned();
-    pick("/dev/disk/by-id/")
-        .or_else(|| pick("/dev/disk/by-path/"))
-        .unwrap_or_else(|| dev.devnode.clone())
+    pick("/dev/disk/by-id/").or_else(|| pick("/dev/disk/by-path/"))
 }
 
 fn class_of<'a>(classes: &'a Classes, name: &str) -> Option<&'a Class> {
@@ -112,12 +112,40 @@ fn identity_annotations(dev: &Device) -> BTreeMap<String, String> {
     a
 }
 
+fn report(warning: bool, reason: &'static str, message: String) -> Action {
+    Action::Report {
+        warning,
+        reason,
+        message,
+        subject: Subject::Node,
+    }
+}
+
 pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut volumes: Vec<Volume> = Vec::new();
     // Classes with work to publish whose StorageClass is missing.
     let mut unpublishable: Vec<&Class> = Vec::new();
     let host_dir = &input.cfg.host_dir;
+    // Without the host's own mount table (no hostPID, a container's
+    // mountinfo), `/` resolves to no device: mounts and OS disks are invisible,
+    // and nothing may be formatted.
+    let table_sees_root = !input
+        .inv
+        .devices_under_paths(&[PathBuf::from("/")])
+        .is_empty();
+    let mut blind_reported = false;
+    let pv_device_ids: BTreeSet<&str> = input
+        .pvs
+        .iter()
+        .filter_map(|p| {
+            p.metadata
+                .annotations
+                .as_ref()?
+                .get(ANN_DEVICE_ID)
+                .map(String::as_str)
+        })
+        .collect();
 
     for (dev, d) in input.inv.devices.iter().zip(input.decisions) {
         let Some(class) = d.class.as_deref().and_then(|n| class_of(input.classes, n)) else {
@@ -125,10 +153,46 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         };
         let raw = class.volume_mode == VolumeMode::Block || class.publish_fs_type;
         let publishable = matches!(input.scs.get(class.storage_class()), Some(Some(_)));
+        let has_pv = dev
+            .identity()
+            .is_some_and(|id| pv_device_ids.contains(id.as_str()));
         match &d.verdict {
+            Verdict::Refused { reason } => actions.push(report(
+                false,
+                "DiskSkipped",
+                format!(
+                    "{} (class {}): {}{}",
+                    dev.devnode.display(),
+                    class.name,
+                    reason.as_str(),
+                    d.detail
+                        .as_deref()
+                        .map(|x| format!(": {x}"))
+                        .unwrap_or_default()
+                ),
+            )),
+            // A disk behind one of our PVs (a raw volume whose pod has not
+            // written yet, a class changed from Block) is never formatted.
+            Verdict::Eligible if !raw && has_pv => actions.push(report(
+                true,
+                "DeviceHasPv",
+                format!(
+                    "{} looks blank but a PV of this node names it; not formatting it",
+                    dev.devnode.display()
+                ),
+            )),
             // A disk is only worth formatting for a class that can publish it:
             // the missing StorageClass is reported below.
             Verdict::Eligible if !raw && !publishable => unpublishable.push(class),
+            Verdict::Eligible if !raw && !table_sees_root && !blind_reported => {
+                blind_reported = true;
+                actions.push(report(
+                    true,
+                    "HostMountTableBlind",
+                    format!("{} shows no device under /: it is not the host's mount table (set hostPID: true, or mountInfo), so nothing is formatted", input.cfg.mount_info.display()),
+                ));
+            }
+            Verdict::Eligible if !raw && !table_sees_root => {}
             Verdict::Eligible if !raw => actions.push(Action::Format {
                 device: dev.name.clone(),
                 class: class.name.clone(),
@@ -136,28 +200,25 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                 fingerprint: Fingerprint::of(dev, input.inv),
             }),
             Verdict::Eligible => {
-                let Some(id) = dev.identity() else {
-                    actions.push(Action::Report {
-                        warning: true,
-                        reason: "NoStableIdentity",
-                        message: format!(
-                            "{}: no WWN, serial, by-id link or backing file; not publishing it raw",
-                            dev.devnode.display()
-                        ),
-                        subject: Subject::Node,
-                    });
+                let (Some(id), Some(path)) = (dev.identity(), stable_dev_path(dev)) else {
+                    actions.push(report(
+                        true,
+                        "NoStableIdentity",
+                        format!("{}: no /dev/disk/by-id or by-path link (udev), so no path that survives a reboot; not publishing it raw", dev.devnode.display()),
+                    ));
                     continue;
                 };
                 volumes.push(Volume {
                     key: format!("dev:{id}"),
                     class: class.name.clone(),
                     mode: class.volume_mode,
-                    path: stable_dev_path(dev),
+                    path,
                     capacity_bytes: dev.size_bytes,
                     fs_type: class
                         .publish_fs_type
                         .then(|| class.fs_type.as_str().to_string()),
                     annotations: identity_annotations(dev),
+                    create_blocked: None,
                 });
             }
             Verdict::Ours { fs_type, uuid } => {
@@ -169,17 +230,16 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     .any(|m| m.mount_point == target && m.root == Path::new("/"));
                 if !at_target {
                     if let Some(m) = mounts.iter().find(|m| m.mount_point.starts_with(host_dir)) {
-                        actions.push(Action::Report {
-                            warning: true,
-                            reason: "MountedElsewhere",
-                            message: format!(
+                        actions.push(report(
+                            true,
+                            "MountedElsewhere",
+                            format!(
                                 "{} is mounted at {}, expected {}; not publishing it",
                                 dev.devnode.display(),
                                 m.mount_point.display(),
                                 target.display()
                             ),
-                            subject: Subject::Node,
-                        });
+                        ));
                     } else {
                         actions.push(Action::Mount {
                             device: dev.name.clone(),
@@ -203,6 +263,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                             capacity_bytes: f.capacity_bytes,
                             fs_type: None,
                             annotations,
+                            // Data of an earlier tenant (a PV deleted while
+                            // Released, a disk moved in from another node) is
+                            // never offered to a new claim.
+                            create_blocked: (!f.vol_empty).then(|| format!("{} holds data but no PV of this node names it; it is not published until cleaned", vol_dir(&target).display())),
                         });
                     }
                     _ => actions.push(Action::MakeVolDir {
@@ -214,6 +278,13 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
     }
 
+    let os_devices = input.inv.devices_under_paths(&[
+        PathBuf::from("/"),
+        PathBuf::from("/boot"),
+        PathBuf::from("/boot/efi"),
+        input.cfg.kubelet_dir.clone(),
+        input.cfg.host_dir.clone(),
+    ]);
     for e in input.dirs {
         let Some(class) = class_of(input.classes, &e.class) else {
             continue;
@@ -222,7 +293,34 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             (DirEntryKind::MountPoint { capacity_bytes, .. }, VolumeMode::Filesystem) => {
                 *capacity_bytes
             }
-            (DirEntryKind::BlockLink { size_bytes, .. }, VolumeMode::Block) => *size_bytes,
+            (DirEntryKind::BlockLink { size_bytes, target }, VolumeMode::Block) => {
+                // A link is the admin's word, but never for a disk in use.
+                let dev = input.inv.devices.iter().find(|d| &d.devnode == target);
+                let in_use = match dev {
+                    None => Some("not a known block device".to_string()),
+                    Some(d) if os_devices.contains(&d.name) => Some("an OS disk".into()),
+                    Some(d) if !d.holders.is_empty() => {
+                        Some(format!("held by {}", d.holders.join(", ")))
+                    }
+                    Some(d) if !d.partitions.is_empty() => Some("partitioned".into()),
+                    Some(d) if input.inv.mounts_of(d).next().is_some() => Some("mounted".into()),
+                    Some(d) if input.inv.swaps_of(d).next().is_some() => Some("active swap".into()),
+                    Some(_) => None,
+                };
+                if let Some(why) = in_use {
+                    actions.push(report(
+                        true,
+                        "DiscoveryLinkRefused",
+                        format!(
+                            "{} -> {}: {why}; not publishing it",
+                            e.path.display(),
+                            target.display()
+                        ),
+                    ));
+                    continue;
+                }
+                *size_bytes
+            }
             _ => continue,
         };
         volumes.push(Volume {
@@ -233,6 +331,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             capacity_bytes: capacity,
             fs_type: None,
             annotations: BTreeMap::new(),
+            create_blocked: None,
         });
     }
 
@@ -241,6 +340,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         .iter()
         .filter_map(|p| p.metadata.name.as_deref().map(|n| (n, p)))
         .collect();
+    // PV writes go last, after every report of this pass: whoever sees a PV
+    // appear can rely on the Events of the same pass being there.
+    let mut applies = Vec::new();
     for v in volumes {
         let Some(class) = class_of(input.classes, &v.class) else {
             continue;
@@ -253,16 +355,19 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         let desired = build_pv(&v, input.node, sc_name, sc, &input.cfg.topology_keys);
         let name = desired.metadata.name.clone().unwrap_or_default();
         match existing.get(name.as_str()) {
-            None => actions.push(Action::ApplyPv {
-                pv: Box::new(desired),
-                create: true,
-            }),
+            None => match v.create_blocked {
+                Some(why) => actions.push(report(true, "VolumeNotClean", why)),
+                None => applies.push(Action::ApplyPv {
+                    pv: Box::new(desired),
+                    create: true,
+                }),
+            },
             Some(pv) => {
                 let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
                 let settled = pv.metadata.deletion_timestamp.is_some()
                     || matches!(phase, Some("Released" | "Failed"));
                 if !settled && !up_to_date(pv, &desired) {
-                    actions.push(Action::ApplyPv {
+                    applies.push(Action::ApplyPv {
                         pv: Box::new(desired),
                         create: false,
                     });
@@ -282,5 +387,6 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             });
         }
     }
+    actions.extend(applies);
     actions
 }

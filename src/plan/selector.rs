@@ -126,12 +126,12 @@ mod tests {
         assert!(c.matching(&nvme()).is_some());
         let c = classes("classes: [{name: a, selector: {paths: ['/dev/nvme*']}}]");
         assert!(c.matching(&nvme()).is_some());
-        let c = classes("classes: [{name: a, selector: {paths: ['/dev/*']}}]");
+        let c = classes("classes: [{name: a, selector: {paths: ['/dev/n*']}}]");
         assert!(
             c.matching(&nvme()).is_some(),
             "devnode /dev/nvme0n1 is one component"
         );
-        let c = classes("classes: [{name: a, selector: {paths: ['/dev/disk/*']}}]");
+        let c = classes("classes: [{name: a, selector: {paths: ['/dev/disk/by*']}}]");
         assert!(c.matching(&nvme()).is_none(), "* must not cross /");
     }
 
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn all_given_fields_must_match_and_first_class_wins() {
         let c = classes(
-            "classes: [{name: hdd, selector: {paths: ['/dev/nvme*'], rotational: true}}, {name: ssd, selector: {paths: ['/dev/nvme*']}}, {name: any, selector: {paths: ['/dev/*']}}]",
+            "classes: [{name: hdd, selector: {paths: ['/dev/nvme*'], rotational: true}}, {name: ssd, selector: {paths: ['/dev/nvme*']}}, {name: any, selector: {paths: ['/dev/n*']}}]",
         );
         assert_eq!(c.matching(&nvme()).unwrap().class.name, "ssd");
         let mut d = nvme();
