@@ -95,6 +95,38 @@ impl FsType {
     }
 }
 
+/// How a released volume (reclaim policy Delete) is cleaned before its disk
+/// is offered again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupMethod {
+    /// Unmount, wipe, mkfs with a new UUID, mount: cost independent of the
+    /// number of files. Default for disks disklet formatted.
+    Reformat,
+    /// BLKDISCARD the whole device (zeroout where unsupported). Default for raw
+    /// (Block, publishFsType) volumes.
+    Discard,
+    /// BLKZEROOUT the whole device.
+    Zeroout,
+    /// Delete the contents in place, never following symlinks or crossing
+    /// mounts. Default for discovery-dir mount points.
+    Files,
+    /// Publish again as is.
+    None,
+}
+
+impl CleanupMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupMethod::Reformat => "reformat",
+            CleanupMethod::Discard => "discard",
+            CleanupMethod::Zeroout => "zeroout",
+            CleanupMethod::Files => "files",
+            CleanupMethod::None => "none",
+        }
+    }
+}
+
 /// How a disk is judged blank before disklet may format it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -141,6 +173,10 @@ pub struct Class {
     /// formatting them here.
     #[serde(default)]
     pub publish_fs_type: bool,
+    /// How released volumes are cleaned; where a method does not apply to a
+    /// volume (reformat on a discovery-dir mount), that kind's default is used.
+    #[serde(default)]
+    pub cleanup: Option<CleanupMethod>,
 }
 
 fn default_settle() -> u64 {

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub format_seconds: Histogram,
     pub mount_seconds: Histogram,
     pub reconcile_seconds: Histogram,
+    pub cleanup_seconds: Histogram,
     pub reconciles: Counter,
     pub reconcile_errors: Family<KindLabels, Counter>,
     pub storageclass_missing: Family<ScLabels, Gauge>,
@@ -62,6 +63,7 @@ impl Default for Metrics {
             format_seconds: Histogram::new(duration_buckets()),
             mount_seconds: Histogram::new(duration_buckets()),
             reconcile_seconds: Histogram::new(duration_buckets()),
+            cleanup_seconds: Histogram::new(duration_buckets()),
             reconciles: Counter::default(),
             reconcile_errors: Family::default(),
             storageclass_missing: Family::default(),
@@ -88,6 +90,11 @@ impl Default for Metrics {
             "reconcile_duration_seconds",
             "Time of one reconcile pass",
             m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "cleanup_duration_seconds",
+            "Time to clean a released volume",
+            m.cleanup_seconds.clone(),
         );
         registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
         registry.register(

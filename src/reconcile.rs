@@ -75,6 +75,8 @@ pub struct Agent {
     stable: HashMap<String, (Fingerprint, Instant)>,
     /// Reports already published, to keep Events from repeating every pass.
     reported: HashMap<String, Instant>,
+    /// Per PV: failed cleanups so far and when the next try is due.
+    retry: HashMap<String, (u32, Instant)>,
 }
 
 const REPORT_EVERY: Duration = Duration::from_secs(600);
@@ -102,6 +104,7 @@ impl Agent {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             stable: HashMap::new(),
             reported: HashMap::new(),
+            retry: HashMap::new(),
         }
     }
 
@@ -438,38 +441,343 @@ impl Agent {
                 }
                 false
             }
+            Action::DeletePv {
+                name,
+                uid,
+                reason,
+                note,
+            } => {
+                let r = self.kube.delete_pv(&name, &uid).await;
+                self.metrics.api("delete-pv", r.is_ok());
+                match r {
+                    Ok(()) => {
+                        info!(pv = name, reason, "PV deleted");
+                        self.kube
+                            .event(
+                                node_obj,
+                                reason == "VolumeWithdrawn",
+                                reason,
+                                "Delete",
+                                note,
+                            )
+                            .await;
+                    }
+                    Err(e) => warn!(pv = name, error = %e, "PV delete failed"),
+                }
+                false
+            }
+            Action::AnnotatePv { name, set } => {
+                let r = self.kube.annotate_pv(&name, &set).await;
+                self.metrics.api("annotate-pv", r.is_ok());
+                if let Err(e) = r {
+                    warn!(pv = name, error = %e, "PV annotation failed");
+                }
+                false
+            }
+            Action::Wait {
+                pv,
+                reason,
+                message,
+            } => {
+                self.report_pv(&pv, true, reason, message).await;
+                false
+            }
+            Action::Recycle {
+                pv,
+                uid,
+                class,
+                method,
+                target,
+                expected_device_id,
+                expected_fs_uuid,
+            } => {
+                if self
+                    .retry
+                    .get(&pv)
+                    .is_some_and(|(_, next)| Instant::now() < *next)
+                {
+                    return false;
+                }
+                if let Err(e) = self
+                    .kube
+                    .annotate_pv(
+                        &pv,
+                        &[(
+                            crate::plan::recycle::ANN_CLEANUP.to_string(),
+                            Some("started".to_string()),
+                        )],
+                    )
+                    .await
+                {
+                    warn!(pv, error = %e, "cannot record the cleanup start; not cleaning");
+                    return false;
+                }
+                let started = Instant::now();
+                let r = tokio::task::block_in_place(|| {
+                    self.recycle_blocking(
+                        &class,
+                        method,
+                        &target,
+                        expected_device_id.as_deref(),
+                        expected_fs_uuid.as_deref(),
+                    )
+                });
+                self.metrics
+                    .cleanup_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match r {
+                    Ok(summary) => {
+                        self.retry.remove(&pv);
+                        info!(
+                            pv,
+                            method = method.as_str(),
+                            ms = started.elapsed().as_millis() as u64,
+                            "volume cleaned"
+                        );
+                        let d = self.kube.delete_pv(&pv, &uid).await;
+                        self.metrics.api("delete-pv", d.is_ok());
+                        if let Err(e) = d {
+                            warn!(pv, error = %e, "cleaned, but the PV delete failed; retried next pass");
+                        }
+                        self.kube.event(node_obj, false, "Recycled", "Cleanup", format!("{pv}: cleaned ({}: {summary}); the PV is deleted and the volume published afresh", method.as_str())).await;
+                        true
+                    }
+                    Err(why) => {
+                        let (n, _) = self.retry.get(&pv).copied().unwrap_or((0, Instant::now()));
+                        let delay = Duration::from_secs(5)
+                            .saturating_mul(1 << n.min(7))
+                            .min(Duration::from_secs(600));
+                        self.retry
+                            .insert(pv.clone(), (n + 1, Instant::now() + delay));
+                        self.metrics.error(&format!("cleanup-{}", method.as_str()));
+                        warn!(pv, error = %why, retry_in_s = delay.as_secs(), "cleanup failed");
+                        self.report_pv(
+                            &pv,
+                            true,
+                            "CleanupFailed",
+                            format!(
+                                "{pv}: {} cleanup failed: {why}; retrying in {}s",
+                                method.as_str(),
+                                delay.as_secs()
+                            ),
+                        )
+                        .await;
+                        false
+                    }
+                }
+            }
             Action::Report {
                 warning,
                 reason,
                 message,
                 subject,
             } => {
-                let key = format!("{reason}\0{message}");
-                let due = self
-                    .reported
-                    .get(&key)
-                    .is_none_or(|t| t.elapsed() >= REPORT_EVERY);
-                if due {
-                    self.reported.insert(key, Instant::now());
-                    if warning {
-                        warn!(reason, "{message}");
-                    } else {
-                        info!(reason, "{message}");
-                    }
-                    match subject {
-                        Subject::Node => {
+                match subject {
+                    Subject::Pv(pv) => self.report_pv(&pv, warning, reason, message).await,
+                    Subject::Node => {
+                        let key = format!("{reason}\0{message}");
+                        if self
+                            .reported
+                            .get(&key)
+                            .is_none_or(|t| t.elapsed() >= REPORT_EVERY)
+                        {
+                            self.reported.insert(key, Instant::now());
+                            // The Event first, then the log line.
                             self.kube
-                                .event(node_obj, warning, reason, "Reconcile", message)
-                                .await
-                        }
-                        Subject::Pv(_) => {
-                            self.kube
-                                .event(node_obj, warning, reason, "Reconcile", message)
-                                .await
+                                .event(node_obj, warning, reason, "Reconcile", message.clone())
+                                .await;
+                            if warning {
+                                warn!(reason, "{message}");
+                            } else {
+                                info!(reason, "{message}");
+                            }
                         }
                     }
                 }
                 false
+            }
+        }
+    }
+
+    /// A deduplicated Event on a PV (on the Node if the PV is gone).
+    async fn report_pv(&mut self, pv: &str, warning: bool, reason: &'static str, message: String) {
+        let key = format!("{reason}\0{message}");
+        if self
+            .reported
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < REPORT_EVERY)
+        {
+            return;
+        }
+        self.reported.insert(key, Instant::now());
+        // The Event first, then the log line: whoever reads the log can rely
+        // on the Event being there.
+        if let Some(obj) = self.kube.get_pv(pv).await {
+            self.kube
+                .event(&obj, warning, reason, "Reconcile", message.clone())
+                .await;
+        }
+        if warning {
+            warn!(pv, reason, "{message}");
+        } else {
+            info!(pv, reason, "{message}");
+        }
+    }
+
+    /// Re-verifies, right before acting, that the volume is the one the PV
+    /// names and that no pod uses it, then cleans it. Returns a summary.
+    fn recycle_blocking(
+        &self,
+        class: &str,
+        method: crate::config::CleanupMethod,
+        target: &crate::plan::recycle::Target,
+        expected_device_id: Option<&str>,
+        expected_fs_uuid: Option<&str>,
+    ) -> Result<String, String> {
+        use crate::config::CleanupMethod as M;
+        use crate::host::{cleanup, BlockDevices, HostTables};
+        use crate::plan::recycle::{kubelet_users, Target};
+
+        let inv = Inventory {
+            devices: self.devices.list().map_err(|e| e.to_string())?,
+            mounts: self.tables.mounts().map_err(|e| e.to_string())?,
+            swaps: Vec::new(),
+        };
+        let users = kubelet_users(target, &inv, &self.cfg.kubelet_dir);
+        if let Some(u) = users.first() {
+            return Err(format!("still mounted by kubelet at {}", u.display()));
+        }
+        let dev = inv.devices.iter().find(|d| d.devno == target.devno());
+        if let Some(want) = expected_device_id {
+            let have = dev.and_then(|d| d.identity());
+            if have.as_deref() != Some(want) {
+                return Err(format!(
+                    "identity mismatch: the PV names {want}, the device is {}",
+                    have.unwrap_or_else(|| "unknown".into())
+                ));
+            }
+        }
+        match target {
+            Target::Fs {
+                devnode,
+                fs_type,
+                mount_point,
+                ..
+            } => {
+                let Some(dev) = dev else {
+                    return Err("the device is gone".into());
+                };
+                let probe = self.prober.probe(dev);
+                let uuid = match &probe {
+                    crate::model::Probe::Done { signatures, .. } => {
+                        ownership(signatures).and_then(|s| s.uuid.clone())
+                    }
+                    _ => None,
+                };
+                if uuid.is_none() || uuid.as_deref() != expected_fs_uuid {
+                    return Err(format!(
+                        "{} no longer carries disklet filesystem {}",
+                        devnode.display(),
+                        expected_fs_uuid.unwrap_or("?")
+                    ));
+                }
+                // Only disklet's own mounts may be taken away.
+                for m in inv.mounts_of(dev) {
+                    if !m.mount_point.starts_with(&self.cfg.host_dir) {
+                        return Err(format!(
+                            "mounted at {} outside disklet's hostDir",
+                            m.mount_point.display()
+                        ));
+                    }
+                }
+                crate::failpoint::hit("recycle-before-clean");
+                let mut ours: Vec<PathBuf> =
+                    inv.mounts_of(dev).map(|m| m.mount_point.clone()).collect();
+                ours.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+                for m in &ours {
+                    self.mounter.umount(m).map_err(|e| e.to_string())?;
+                }
+                let _ = mount_point;
+                match method {
+                    M::Discard => match cleanup::blk_discard(devnode) {
+                        Err(e) if e.unsupported() => {
+                            cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?
+                        }
+                        r => r.map_err(|e| e.to_string())?,
+                    },
+                    M::Zeroout => cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?,
+                    _ => cleanup::wipe_for_reformat(devnode).map_err(|e| e.to_string())?,
+                }
+                crate::failpoint::hit("recycle-after-wipe");
+                if matches!(method, M::Reformat) {
+                    let new_uuid = uuid::Uuid::new_v4().to_string();
+                    self.formatter
+                        .mkfs(devnode, *fs_type, &new_uuid)
+                        .map_err(|e| e.to_string())?;
+                    crate::failpoint::hit("recycle-after-mkfs");
+                    let target =
+                        crate::plan::provision::mount_target(&self.cfg.host_dir, class, &new_uuid);
+                    let options = self
+                        .classes
+                        .classes
+                        .iter()
+                        .find(|c| c.class.name == class)
+                        .map(|c| c.class.mount_options.clone())
+                        .unwrap_or_default();
+                    self.mounter
+                        .mount(devnode, &target, fs_type.as_str(), &options)
+                        .map_err(|e| e.to_string())?;
+                    make_vol_dir(&target).map_err(|e| e.to_string())?;
+                    return Ok(format!("new filesystem {new_uuid}"));
+                }
+                Ok(format!("{} wiped", devnode.display()))
+            }
+            Target::Raw { devnode, .. } => {
+                match method {
+                    M::None => {}
+                    M::Zeroout => cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?,
+                    _ => match cleanup::blk_discard(devnode) {
+                        Err(e) if e.unsupported() => {
+                            cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?
+                        }
+                        r => r.map_err(|e| e.to_string())?,
+                    },
+                }
+                Ok(format!("{} {}", devnode.display(), method.as_str()))
+            }
+            Target::Dir { path, devno } => {
+                // Still the mount point of the same filesystem?
+                let still = inv
+                    .mounts
+                    .iter()
+                    .rev()
+                    .find(|m| &m.mount_point == path)
+                    .is_some_and(|m| m.devno == *devno);
+                if !still {
+                    return Err(format!(
+                        "{} is no longer the mount point the PV was published for",
+                        path.display()
+                    ));
+                }
+                if method == M::None {
+                    return Ok("nothing cleaned".into());
+                }
+                let report = crate::host::files::clean_files(path).map_err(|e| e.to_string())?;
+                if !report.failures.is_empty() || !report.skipped_mounts.is_empty() {
+                    let first = report
+                        .failures
+                        .first()
+                        .map(|(p, e)| format!("{}: {e}", p.display()))
+                        .or_else(|| {
+                            report
+                                .skipped_mounts
+                                .first()
+                                .map(|p| format!("{} is another mount", p.display()))
+                        })
+                        .unwrap_or_default();
+                    return Err(format!("{} entries removed, {} not removable, {} nested mounts left; first: {first}", report.removed, report.failures.len(), report.skipped_mounts.len()));
+                }
+                Ok(format!("{} entries removed", report.removed))
             }
         }
     }

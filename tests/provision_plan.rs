@@ -134,6 +134,22 @@ impl World {
             node: &self.node,
             scs: &self.scs,
         })
+        .into_iter()
+        // The lifecycle of existing PVs has its own tests (recycle_plan.rs).
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::Recycle { .. }
+                    | Action::DeletePv { .. }
+                    | Action::AnnotatePv { .. }
+                    | Action::Wait { .. }
+                    | Action::Report {
+                        subject: disklet::plan::Subject::Pv(_),
+                        ..
+                    }
+            )
+        })
+        .collect()
     }
 }
 
@@ -146,6 +162,10 @@ fn kinds(a: &[Action]) -> Vec<&'static str> {
             Action::ApplyPv { create: true, .. } => "create-pv",
             Action::ApplyPv { create: false, .. } => "update-pv",
             Action::Report { reason, .. } => reason,
+            Action::DeletePv { .. } => "delete-pv",
+            Action::AnnotatePv { .. } => "annotate-pv",
+            Action::Recycle { .. } => "recycle",
+            Action::Wait { .. } => "wait",
         })
         .collect()
 }

@@ -1,10 +1,12 @@
 //! Linux adapters. Each capability is a trait returning `model` types, with a
 //! real implementation and a recording fake (`fake`).
 
+pub mod cleanup;
 pub mod cmd;
 pub mod dirs;
 pub mod events;
 pub mod fake;
+pub mod files;
 pub mod format;
 pub mod mounter;
 pub mod mountinfo;

@@ -135,6 +135,54 @@ impl Kube {
             .map_err(api_err(format!("apply PersistentVolume {name}")))
     }
 
+    /// Deletes a PV, only if it still has `uid` (a PV recreated under the
+    /// same name meanwhile is not touched). Gone already is success.
+    pub async fn delete_pv(&self, name: &str, uid: &str) -> Result<(), KubeError> {
+        let mut dp = kube::api::DeleteParams::default();
+        if !uid.is_empty() {
+            dp.preconditions = Some(kube::api::Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            });
+        }
+        match self.pvs.delete(name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(source) => Err(KubeError::Api {
+                what: format!("delete PersistentVolume {name}"),
+                source,
+            }),
+        }
+    }
+
+    /// Sets or removes annotations with a JSON merge patch (annotations only:
+    /// they are bookkeeping, not fields disklet applies).
+    pub async fn annotate_pv(
+        &self,
+        name: &str,
+        set: &[(String, Option<String>)],
+    ) -> Result<(), KubeError> {
+        let mut anns = serde_json::Map::new();
+        for (k, v) in set {
+            anns.insert(
+                k.clone(),
+                v.clone()
+                    .map_or(serde_json::Value::Null, serde_json::Value::String),
+            );
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": anns}});
+        self.pvs
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(api_err(format!("annotate PersistentVolume {name}")))
+    }
+
+    /// A PV by name, for Events about it.
+    pub async fn get_pv(&self, name: &str) -> Option<PersistentVolume> {
+        self.pvs.get_opt(name).await.ok().flatten()
+    }
+
     /// Publishes an Event about `obj` (a PV or the Node). Failures are logged,
     /// never fatal: an Event is a report, not an action.
     pub async fn event<K: Resource<DynamicType = ()>>(

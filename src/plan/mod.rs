@@ -2,6 +2,7 @@
 
 pub mod eligibility;
 pub mod provision;
+pub mod recycle;
 pub mod selector;
 
 pub use eligibility::{evaluate, Decision, NodeFacts, PendingReason, Reason, Verdict};

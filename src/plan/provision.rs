@@ -43,6 +43,36 @@ pub enum Action {
         pv: Box<PersistentVolume>,
         create: bool,
     },
+    /// Delete one of our PVs (uid as precondition), with an Event.
+    DeletePv {
+        name: String,
+        uid: String,
+        reason: &'static str,
+        note: String,
+    },
+    /// Set (Some) or remove (None) annotations on one of our PVs.
+    AnnotatePv {
+        name: String,
+        set: Vec<(String, Option<String>)>,
+    },
+    /// Clean a Released volume (reclaim policy Delete), then delete its PV;
+    /// the next pass publishes the volume afresh.
+    Recycle {
+        pv: String,
+        uid: String,
+        class: String,
+        method: crate::config::CleanupMethod,
+        target: crate::plan::recycle::Target,
+        expected_device_id: Option<String>,
+        expected_fs_uuid: Option<String>,
+    },
+    /// Nothing may be done yet (a pod still uses the volume): report, retry
+    /// with backoff.
+    Wait {
+        pv: String,
+        reason: &'static str,
+        message: String,
+    },
     Report {
         warning: bool,
         reason: &'static str,
@@ -122,7 +152,7 @@ fn report(warning: bool, reason: &'static str, message: String) -> Action {
 }
 
 pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
-    let mut actions = Vec::new();
+    let mut actions = crate::plan::recycle::recycle_plan(input);
     let mut volumes: Vec<Volume> = Vec::new();
     // Classes with work to publish whose StorageClass is missing.
     let mut unpublishable: Vec<&Class> = Vec::new();
@@ -323,6 +353,25 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             }
             _ => continue,
         };
+        // The device behind the entry, so a cleanup can check it is still
+        // the same one.
+        let devno = match &e.kind {
+            DirEntryKind::MountPoint { devno, .. } => Some(*devno),
+            DirEntryKind::BlockLink { target, .. } => input
+                .inv
+                .devices
+                .iter()
+                .find(|d| &d.devnode == target)
+                .map(|d| d.devno),
+            DirEntryKind::Other => None,
+        };
+        let annotations = input
+            .inv
+            .devices
+            .iter()
+            .find(|d| Some(d.devno) == devno)
+            .map(identity_annotations)
+            .unwrap_or_default();
         volumes.push(Volume {
             key: format!("dir:{}", e.path.display()),
             class: class.name.clone(),
@@ -330,7 +379,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             path: e.path.clone(),
             capacity_bytes: capacity,
             fs_type: None,
-            annotations: BTreeMap::new(),
+            annotations,
             create_blocked: None,
         });
     }

@@ -164,6 +164,29 @@ impl Agent {
         config: &str,
         extra: &[&str],
     ) -> Agent {
+        Self::start_full(kubeconfig, dir, name, node, config, extra, &[])
+    }
+
+    /// With extra environment variables (e.g. `DISKLET_FAILPOINTS`).
+    pub fn start_env(
+        env: &Env,
+        name: &str,
+        node: &str,
+        config: &str,
+        vars: &[(&str, &str)],
+    ) -> Agent {
+        Self::start_full(&env.kubeconfig, env.path(), name, node, config, &[], vars)
+    }
+
+    fn start_full(
+        kubeconfig: &Path,
+        dir: &Path,
+        name: &str,
+        node: &str,
+        config: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Agent {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join(format!("{name}.log"));
@@ -179,6 +202,7 @@ impl Agent {
             ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
+            .envs(vars.iter().copied())
             .env("RUST_LOG", "disklet=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -261,6 +285,19 @@ impl Agent {
     /// The next log line, if one comes within `timeout`.
     pub fn recv_line(&self, timeout: Duration) -> Option<String> {
         self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for the process to end by itself (a failpoint), at most 60 s.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(std::time::Instant::now() < deadline, "agent did not exit");
+            // Each log line, or 50 ms without one, is a chance to look again.
+            let _ = self.lines.recv_timeout(Duration::from_millis(50));
+        }
     }
 
     pub fn kill(mut self) {

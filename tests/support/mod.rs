@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod agent;
+pub mod binder;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
