@@ -699,12 +699,9 @@ impl Agent {
                 }
                 let _ = mount_point;
                 match method {
-                    M::Discard => match cleanup::blk_discard(devnode) {
-                        Err(e) if e.unsupported() => {
-                            cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?
-                        }
-                        r => r.map_err(|e| e.to_string())?,
-                    },
+                    M::Discard => {
+                        cleanup::discard_or_zeroout(devnode).map_err(|e| e.to_string())?
+                    }
                     M::Zeroout => cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?,
                     _ => cleanup::wipe_for_reformat(devnode).map_err(|e| e.to_string())?,
                 }
@@ -736,12 +733,7 @@ impl Agent {
                 match method {
                     M::None => {}
                     M::Zeroout => cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?,
-                    _ => match cleanup::blk_discard(devnode) {
-                        Err(e) if e.unsupported() => {
-                            cleanup::blk_zeroout(devnode).map_err(|e| e.to_string())?
-                        }
-                        r => r.map_err(|e| e.to_string())?,
-                    },
+                    _ => cleanup::discard_or_zeroout(devnode).map_err(|e| e.to_string())?,
                 }
                 Ok(format!("{} {}", devnode.display(), method.as_str()))
             }

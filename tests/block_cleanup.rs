@@ -7,7 +7,7 @@ mod support;
 
 use std::os::unix::fs::FileExt;
 
-use disklet::host::cleanup::{blk_discard, blk_zeroout, wipe_for_reformat};
+use disklet::host::cleanup::{blk_discard, blk_zeroout, discard_or_zeroout, wipe_for_reformat};
 use disklet::host::probe::BlkidProber;
 use disklet::host::Prober;
 use support::*;
@@ -39,6 +39,7 @@ fn discard_and_zeroout_leave_nothing_readable() {
     for (name, f) in [
         ("discard", blk_discard as fn(&std::path::Path) -> _),
         ("zeroout", blk_zeroout),
+        ("discard-or-zeroout", discard_or_zeroout),
     ] {
         let lp = Loop::new(dir.path(), name, 64);
         fill(lp.path(), 0xa5);

@@ -112,6 +112,14 @@ pub fn blk_discard(dev: &Path) -> Result<(), CleanupError> {
     range_ioctl(dev, &fd, "BLKDISCARD", 0, size)
 }
 
+/// Discards the whole device, or zeroes it where the device cannot discard.
+pub fn discard_or_zeroout(dev: &Path) -> Result<(), CleanupError> {
+    match blk_discard(dev) {
+        Err(e) if e.unsupported() => blk_zeroout(dev),
+        r => r,
+    }
+}
+
 /// Writes zeroes over the whole device (the kernel offloads it when it can;
 /// slow on large spinning disks). In 1 GiB steps so a failure says where.
 pub fn blk_zeroout(dev: &Path) -> Result<(), CleanupError> {
