@@ -48,6 +48,18 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Check this node's environment and the API permissions; says what is
+    /// wrong and how to fix it. Exit 1 when a check fails.
+    Doctor {
+        #[arg(long, env = "DISKLET_CONFIG")]
+        config: Option<PathBuf>,
+        /// Also check that this Node exists.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Skip the API checks (no cluster at hand).
+        #[arg(long)]
+        no_api: bool,
+    },
     /// Run the agent: format eligible disks, mount them, publish Local PVs.
     /// Kubeconfig from the standard places (in-cluster, KUBECONFIG, ~/.kube/config).
     Run {
@@ -101,6 +113,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Doctor {
+            config,
+            node_name,
+            no_api,
+        } => {
+            let cfg = match load_config(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_doctor(&cfg, node_name.as_deref(), no_api)
+        }
         Command::Run {
             config,
             node_name,
@@ -118,6 +141,41 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn run_doctor(cfg: &Config, node: Option<&str>, no_api: bool) -> ExitCode {
+    use disklet::doctor::{self, Level};
+    let mut checks = doctor::tools();
+    checks.extend(doctor::host(cfg, &disklet::host::udevdb::UdevDb::default()));
+    if !no_api {
+        let api = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| {
+                rt.block_on(async {
+                    match kube::Client::try_default().await {
+                        Ok(client) => doctor::api(client, node).await,
+                        Err(e) => vec![doctor::Check {
+                            level: Level::Warn,
+                            name: "API server".into(),
+                            detail: format!("no kubeconfig: {e}"),
+                            fix: "set KUBECONFIG to check the API and RBAC, or pass --no-api"
+                                .into(),
+                        }],
+                    }
+                })
+            });
+        match api {
+            Ok(c) => checks.extend(c),
+            Err(e) => eprintln!("disklet doctor: {e}"),
+        }
+    }
+    print!("{}", doctor::render(&checks));
+    if checks.iter().any(|c| c.level == Level::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -18,7 +18,7 @@ use crate::host::format::{format_safely, Formatter, Host};
 use crate::host::mounter::Mounter;
 use crate::host::{dirs, BlkidProber, HostError, Prober, ProcTables, SysfsDevices};
 use crate::k8s::client::{Kube, KubeError};
-use crate::model::{DirEntry, Fingerprint, Inventory, MountFact, NodeInfo, ScInfo};
+use crate::model::{DevNo, DirEntry, Fingerprint, Inventory, MountFact, NodeInfo, ScInfo};
 use crate::plan::eligibility::ownership;
 use crate::plan::{
     evaluate, plan, Action, Classes, Decision, NodeFacts, PendingReason, PlanInput, Subject,
@@ -754,7 +754,29 @@ impl Agent {
                 if method == M::None {
                     return Ok("nothing cleaned".into());
                 }
-                let report = crate::host::files::clean_files(path).map_err(|e| e.to_string())?;
+                // Hold the directory, then check it is on the device the
+                // table said: nothing can be swapped in between.
+                use nix::fcntl::{open, OFlag};
+                let fd = open(
+                    path.as_path(),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+                let st =
+                    nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
+                let held = DevNo::new(
+                    nix::sys::stat::major(st.st_dev) as u32,
+                    nix::sys::stat::minor(st.st_dev) as u32,
+                );
+                if held != *devno {
+                    return Err(format!(
+                        "{} is on {held}, not {devno}: not the volume the PV was published for",
+                        path.display()
+                    ));
+                }
+                let report =
+                    crate::host::files::clean_files_at(fd, path).map_err(|e| e.to_string())?;
                 if !report.failures.is_empty() || !report.skipped_mounts.is_empty() {
                     let first = report
                         .failures

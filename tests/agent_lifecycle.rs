@@ -376,3 +376,69 @@ async fn a_cleanup_killed_at_any_step_is_finished_after_restart() {
         drop(agent);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_dir_volume_is_cleaned_file_by_file_and_published_again() {
+    if skip_unless_root("a_discovery_dir_volume_is_cleaned_file_by_file_and_published_again") {
+        return;
+    }
+    let (env, _sweep, _binder) = setup().await;
+    let d = env.path().display().to_string();
+    let cfg = format!(
+        "hostDir: {d}/hostdir\nkubeletDir: {d}/kubelet\nmountInfo: /proc/self/mountinfo\nclasses:\n  - name: dirs\n    storageClassName: local-fast\n    discoveryDirs: [{d}/discovery]\n"
+    );
+    std::fs::create_dir_all(env.path().join("discovery")).unwrap();
+    let agent = Agent::start(&env, "agent", "node-a", &cfg);
+    let lp = Loop::new(&env.path().join("prepared"), "p1", 128);
+    sh(&["mkfs.ext4", "-q", lp.path()]);
+    let entry = env.path().join("discovery/vol1");
+    let _m = Mounted::new(lp.path(), &entry);
+    let first = available(&env, "dirs", &[]).await;
+    assert_eq!(
+        ann(&first, "disklet.io/device-id"),
+        Some(format!("loop-file:{}", lp.file.display()).as_str())
+    );
+    binder::claim(
+        &env.client,
+        "default",
+        "d-0",
+        "local-fast",
+        "50Mi",
+        Some("node-a"),
+    )
+    .await
+    .unwrap();
+    let bound = binder::wait_bound(&env.client, "default", "d-0", T)
+        .await
+        .unwrap();
+    std::fs::create_dir_all(entry.join("a/b")).unwrap();
+    std::fs::write(entry.join("a/b/old"), "old tenant").unwrap();
+    // A symlink out of the volume: the cleanup must unlink it, not follow it.
+    let outside = env.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "not the volume's").unwrap();
+    std::os::unix::fs::symlink(&outside, entry.join("escape")).unwrap();
+    binder::delete_claim(&env.client, "default", "d-0")
+        .await
+        .unwrap();
+
+    let again = env
+        .wait_pvs(SEL, "the PV published again with a new uid", |p| {
+            p.len() == 1 && p[0].metadata.uid != bound.metadata.uid && phase(&p[0]) == "Available"
+        })
+        .await;
+    assert_eq!(name_of(&again[0]), name_of(&bound), "same entry, same name");
+    let left: Vec<_> = std::fs::read_dir(&entry)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.iter().all(|n| n == "lost+found"),
+        "only what mkfs made may stay: {left:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join("keep")).unwrap(),
+        "not the volume's"
+    );
+    drop(agent);
+}

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use disklet::host::files::{clean_files, FilesError, FilesReport};
+use disklet::host::files::{clean_files, clean_files_at, FilesError, FilesReport};
 use nix::fcntl::{openat, OFlag, AT_FDCWD};
 use nix::sys::stat::{mkdirat, Mode};
 use support::*;
@@ -440,6 +440,33 @@ fn a_file_being_written_is_still_removed() {
     assert_eq!(m.nlink(), 0);
     assert_eq!(m.len(), 13);
     s.assert_vol_empty();
+    s.assert_outside_unchanged();
+}
+
+#[test]
+fn an_already_open_root_is_cleaned_through_its_fd() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Side::new(t.path());
+    write(&s.vol.join("a/b"), "x");
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = openat(AT_FDCWD, &s.vol, dflags, Mode::empty()).unwrap();
+    // Whatever the path names now, the fd is what gets cleaned.
+    let moved = t.path().join("moved");
+    fs::rename(&s.vol, &moved).unwrap();
+    fs::create_dir(&s.vol).unwrap();
+    write(&s.vol.join("new"), "not the volume that was opened");
+    let r = clean_files_at(fd, &s.vol).unwrap();
+    assert_eq!(
+        r,
+        FilesReport {
+            removed: 2,
+            ..Default::default()
+        }
+    );
+    assert_eq!(names(&moved), BTreeSet::new());
+    assert_eq!(names(&s.vol), [PathBuf::from("new")].into());
+    fs::remove_file(s.vol.join("new")).unwrap();
+    fs::remove_dir(&moved).unwrap();
     s.assert_outside_unchanged();
 }
 

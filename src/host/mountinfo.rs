@@ -62,6 +62,30 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     })
 }
 
+/// The propagation tags (`shared:N`, `master:N`, or empty for private) of
+/// the mount that holds `path` (longest mount point prefix, last one wins).
+pub fn propagation_of(text: &str, path: &Path) -> Option<String> {
+    let mut best: Option<(usize, String)> = None;
+    for line in text.lines() {
+        let Some((left, _)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        if fields.len() < 6 {
+            continue;
+        }
+        let mp = PathBuf::from(unescape(fields[4]));
+        if !path.starts_with(&mp) {
+            continue;
+        }
+        let depth = mp.components().count();
+        if best.as_ref().is_none_or(|(d, _)| depth >= *d) {
+            best = Some((depth, fields[6..].join(" ")));
+        }
+    }
+    best.map(|(_, tags)| tags)
+}
+
 /// Reads a mountinfo file until two consecutive reads agree (at most 5 reads;
 /// the last one wins if the table never stops changing).
 pub fn read_consistent(path: &Path) -> std::io::Result<Vec<MountEntry>> {
@@ -144,6 +168,24 @@ mod tests {
         assert_eq!(m[0].fs_type, "ext3");
         assert_eq!(m[0].source, "/dev/root");
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt2"));
+    }
+
+    #[test]
+    fn propagation_of_the_mount_holding_a_path() {
+        let t = "22 1 254:0 / / rw shared:1 - ext4 /dev/vda rw\n30 22 0:40 / /var/lib/disklet rw - tmpfs tmpfs rw\n31 22 0:41 / /var/lib/kubelet rw master:3 - tmpfs tmpfs rw\n";
+        assert_eq!(
+            propagation_of(t, Path::new("/var/lib/disklet/fast")).as_deref(),
+            Some(""),
+            "private"
+        );
+        assert_eq!(
+            propagation_of(t, Path::new("/srv")).as_deref(),
+            Some("shared:1")
+        );
+        assert_eq!(
+            propagation_of(t, Path::new("/var/lib/kubelet")).as_deref(),
+            Some("master:3")
+        );
     }
 
     #[test]
