@@ -183,6 +183,30 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
         "{events:?}"
     );
 
+    // A disk the class names but that holds a filesystem: skipped, and said so.
+    // (formatted as a file first: a blank disk here would be disklet's at once)
+    let img = env.path().join("disks/foreign.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    sh(&["mkfs.ext4", "-q", "-F", img.to_str().unwrap()]);
+    let foreign = Loop::new(&env.path().join("disks"), "foreign", 320);
+    agent.wait_log("DiskSkipped");
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(t, r, n)| t == "Normal"
+            && r == "DiskSkipped"
+            && n.contains(foreign.path())
+            && n.contains("foreign-filesystem: ext4")),
+        "{events:?}"
+    );
+    assert_eq!(
+        blkid(foreign.path(), "TYPE"),
+        "ext4",
+        "never formatted over"
+    );
+
     // SIGKILL and restart: same PV, untouched, disk not reformatted.
     agent.kill();
     let agent = Agent::start(&env, "agent", "node-a", &cfg);
