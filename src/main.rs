@@ -13,7 +13,7 @@ use disklet::plan::Classes;
 #[derive(Parser)]
 #[command(
     name = "disklet",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DISKLET_COMMIT"), ")"),
     about = "Turns dedicated local disks into Kubernetes Local PersistentVolumes"
 )]
 struct Cli {
