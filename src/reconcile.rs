@@ -844,6 +844,7 @@ impl Agent {
         let mut wake_at: Option<Instant> = None;
         let mut backoff = Duration::from_millis(200);
         let mut kicked = true;
+        let mut failures: u32 = 0;
         loop {
             if !kicked {
                 let settle = async {
@@ -872,6 +873,10 @@ impl Agent {
                     Ok(o) => {
                         wake_at = o.wake_at;
                         backoff = Duration::from_millis(200);
+                        if failures > 0 {
+                            info!(failures, "reconcile recovered");
+                            failures = 0;
+                        }
                         if !self.status.ready.swap(true, Ordering::Relaxed) {
                             info!(actions = o.actions, "ready: first reconcile done");
                         }
@@ -880,6 +885,7 @@ impl Agent {
                         }
                     }
                     Err(e) => {
+                        failures += 1;
                         self.status.errors.fetch_add(1, Ordering::Relaxed);
                         self.metrics.error(match &e {
                             ReconcileError::Kube(k) => k.kind(),

@@ -91,5 +91,8 @@ fn a_bad_config_exits_2_naming_the_key() {
 fn version_names_the_commit() {
     let out = disklet(&["--version"]);
     let v = String::from_utf8(out.stdout).unwrap();
-    assert!(v.starts_with(concat!("disklet ", env!("CARGO_PKG_VERSION"), " (commit ")), "{v}");
+    assert!(
+        v.starts_with(concat!("disklet ", env!("CARGO_PKG_VERSION"), " (commit ")),
+        "{v}"
+    );
 }

@@ -57,9 +57,14 @@ impl Kube {
     /// Client from the standard places: in-cluster, then `KUBECONFIG` /
     /// `~/.kube/config`.
     pub async fn connect(node: &str) -> Result<Kube, KubeError> {
-        let client = Client::try_default()
+        let mut config = kube::Config::infer()
             .await
             .map_err(|e| KubeError::Config(e.to_string()))?;
+        // kube's built-in retry of 429/503/504 can hold one request for
+        // minutes; the reconcile loop's own backoff (logged, counted) decides
+        // instead, and the host side is never stuck behind one call.
+        config.default_retry = false;
+        let client = Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
         Ok(Kube::new(client, node))
     }
 
