@@ -102,6 +102,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
 fn tool(test: &str, name: &str, env: &str, extra: &[PathBuf], install: &str) -> Option<PathBuf> {
     let found = std::env::var_os(env)
         .map(PathBuf::from)
+        .filter(|p| p.is_file())
         .or_else(|| on_path(name))
         .or_else(|| extra.iter().find(|p| p.is_file()).cloned());
     if found.is_none() {
@@ -189,7 +190,7 @@ fn container(ds: &Value) -> &Value {
 }
 
 /// The ConfigMap the DaemonSet mounts, and the config file's text in it.
-fn mounted_config<'a>(objs: &'a [Value]) -> Result<(&'a Value, &'a str), String> {
+fn mounted_config(objs: &[Value]) -> Result<(&Value, &str), String> {
     let ds = daemonset(objs).ok_or("no DaemonSet disklet")?;
     let env_path = container(ds)["env"]
         .as_array()
@@ -365,6 +366,14 @@ fn daemonset_problems(objs: &[Value], host_network: bool, image: &str) -> Vec<St
         &mut p,
         c["image"] == image,
         format!("image is {}, not {image}", c["image"]),
+    );
+    // The default /dev/termination-log cannot be created in the host's /dev
+    // mounted read-only: the container would never start.
+    let tmp = c["terminationMessagePath"].as_str();
+    want(
+        &mut p,
+        tmp.is_some_and(|t| t.starts_with('/') && !t.starts_with("/dev/")),
+        format!("terminationMessagePath is {tmp:?}: the default /dev/termination-log cannot be created in the read-only host /dev"),
     );
     let sc = &c["securityContext"];
     want(
@@ -900,7 +909,7 @@ fn checks_catch_every_broken_field() {
     fn ctr(objs: &mut [Value]) -> &mut Value {
         &mut pod(objs)["containers"][0]
     }
-    fn mount(objs: &mut [Value], path: &str) -> &mut Value {
+    fn mount<'a>(objs: &'a mut [Value], path: &str) -> &'a mut Value {
         ctr(objs)["volumeMounts"]
             .as_array_mut()
             .unwrap()
@@ -908,7 +917,7 @@ fn checks_catch_every_broken_field() {
             .find(|m| m["mountPath"] == path)
             .unwrap()
     }
-    fn env(objs: &mut [Value], name: &str) -> &mut Value {
+    fn env<'a>(objs: &'a mut [Value], name: &str) -> &'a mut Value {
         ctr(objs)["env"]
             .as_array_mut()
             .unwrap()
@@ -916,7 +925,7 @@ fn checks_catch_every_broken_field() {
             .find(|e| e["name"] == name)
             .unwrap()
     }
-    fn rule(objs: &mut [Value], resource: &str) -> &mut Value {
+    fn rule<'a>(objs: &'a mut [Value], resource: &str) -> &'a mut Value {
         objs.iter_mut()
             .find(|o| o["kind"] == "ClusterRole")
             .unwrap()["rules"]
@@ -1074,6 +1083,16 @@ fn checks_catch_every_broken_field() {
             "memory limit changed",
             |o| ctr(o)["resources"]["limits"]["memory"] = json!("1Gi"),
             "resources",
+        ),
+        (
+            "default termination message path",
+            |o| {
+                ctr(o)
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("terminationMessagePath");
+            },
+            "terminationMessagePath",
         ),
         (
             "another image",
