@@ -22,8 +22,8 @@ RUN cargo build --release --locked --bin disklet
 FROM debian:bookworm-slim
 # The tools disklet drives: wipefs/blkid (util-linux), mkfs.ext4, mkfs.xfs.
 # Unpinned for the reason given in the build stage (DL3008).
+# (.ci/run installs exactly the packages on the line after RUN and runs `disklet doctor`.)
 # hadolint ignore=DL3008
-# (.ci/run installs exactly the packages on the next line and runs `disklet doctor`.)
 RUN apt-get update && apt-get install -y --no-install-recommends \
       util-linux e2fsprogs xfsprogs libudev1 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
