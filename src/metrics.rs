@@ -112,7 +112,23 @@ impl Default for Metrics {
             "Kubernetes API calls by call and result",
             m.api_calls.clone(),
         );
-        Metrics { registry, ..m }
+        let m = Metrics { registry, ..m };
+        // Series that alerts watch exist from the start, at zero, rather than
+        // appearing with the first failure.
+        for kind in [
+            "api",
+            "node-missing",
+            "host",
+            "mount",
+            "format-device-changed",
+            "format-mkfs",
+            "cleanup-reformat",
+            "cleanup-files",
+        ] {
+            m.reconcile_errors
+                .get_or_create(&KindLabels { kind: kind.into() });
+        }
+        m
     }
 }
 

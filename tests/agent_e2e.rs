@@ -227,6 +227,24 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
     ] {
         assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
     }
+    // Every family the README documents is exported, even before it has data.
+    for family in [
+        "disklet_devices",
+        "disklet_pvs",
+        "disklet_format_duration_seconds",
+        "disklet_mount_duration_seconds",
+        "disklet_cleanup_duration_seconds",
+        "disklet_reconcile_duration_seconds",
+        "disklet_reconciles",
+        "disklet_reconcile_errors",
+        "disklet_storageclass_missing",
+        "disklet_api_calls",
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {family} ")),
+            "{family} not exported:\n{metrics}"
+        );
+    }
     assert!(
         !metrics.contains("apply-pv"),
         "nothing re-applied after a restart:\n{metrics}"
