@@ -125,7 +125,8 @@ impl Default for Metrics {
             "cleanup-reformat",
             "cleanup-files",
         ] {
-            m.reconcile_errors
+            let _zero = m
+                .reconcile_errors
                 .get_or_create(&KindLabels { kind: kind.into() });
         }
         m
