@@ -20,10 +20,7 @@ use crate::host::{dirs, BlkidProber, HostError, Prober, ProcTables, SysfsDevices
 use crate::k8s::client::{Kube, KubeError};
 use crate::model::{DevNo, DirEntry, Fingerprint, Inventory, MountFact, NodeInfo, ScInfo};
 use crate::plan::eligibility::ownership;
-use crate::plan::{
-    evaluate, plan, Action, Classes, Decision, NodeFacts, PendingReason, PlanInput, Subject,
-    Verdict,
-};
+use crate::plan::{plan, Action, Classes, Decision, PendingReason, PlanInput, Subject, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -127,36 +124,29 @@ impl Agent {
             seen.insert(d.name.clone(), (fp, since));
         }
         self.stable = seen;
-        let facts = NodeFacts::new(&inv, &self.cfg.host_dir, &self.cfg.kubelet_dir);
-        let mut decisions = Vec::with_capacity(inv.devices.len());
+        let since = |d: &crate::model::Device| self.stable.get(&d.name).map_or(now, |s| s.1);
+        let decisions =
+            crate::scan::decide_all_aged(&mut inv, &self.cfg, &self.classes, &self.prober, &|d| {
+                Some(now.saturating_duration_since(since(d)))
+            });
+        // Wake when the first settling device will have settled.
         let mut wake_at: Option<Instant> = None;
-        for i in 0..inv.devices.len() {
-            let since = self.stable.get(&inv.devices[i].name).map_or(now, |s| s.1);
-            let age = Some(now.saturating_duration_since(since));
-            let mut d = evaluate(&inv.devices[i], &inv, &self.classes, &facts, age);
+        for (dev, d) in inv.devices.iter().zip(&decisions) {
             if d.verdict
-                == (Verdict::Pending {
-                    reason: PendingReason::ExclusiveNotChecked,
-                })
-            {
-                inv.devices[i].exclusive = self.prober.exclusive(&inv.devices[i]);
-                d = evaluate(&inv.devices[i], &inv, &self.classes, &facts, age);
-            }
-            if d.verdict
-                == (Verdict::Pending {
+                != (Verdict::Pending {
                     reason: PendingReason::Settling,
                 })
             {
-                if let Some(c) = d
-                    .class
-                    .as_deref()
-                    .and_then(|n| self.classes.classes.iter().find(|c| c.class.name == n))
-                {
-                    let at = since + Duration::from_secs(c.class.settle_seconds);
-                    wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
-                }
+                continue;
             }
-            decisions.push(d);
+            if let Some(c) = d
+                .class
+                .as_deref()
+                .and_then(|n| self.classes.classes.iter().find(|c| c.class.name == n))
+            {
+                let at = since(dev) + Duration::from_secs(c.class.settle_seconds);
+                wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+            }
         }
         let mut mounts = BTreeMap::new();
         for m in &inv.mounts {
@@ -575,13 +565,7 @@ impl Agent {
                 match subject {
                     Subject::Pv(pv) => self.report_pv(&pv, warning, reason, message).await,
                     Subject::Node => {
-                        let key = format!("{reason}\0{message}");
-                        if self
-                            .reported
-                            .get(&key)
-                            .is_none_or(|t| t.elapsed() >= REPORT_EVERY)
-                        {
-                            self.reported.insert(key, Instant::now());
+                        if self.due(reason, &message) {
                             // The Event first, then the log line.
                             self.kube
                                 .event(node_obj, warning, reason, "Reconcile", message.clone())
@@ -599,17 +583,26 @@ impl Agent {
         }
     }
 
-    /// A deduplicated Event on a PV (on the Node if the PV is gone).
-    async fn report_pv(&mut self, pv: &str, warning: bool, reason: &'static str, message: String) {
+    /// Whether a report is due: not published in the last `REPORT_EVERY`.
+    /// Records it as published when it is.
+    fn due(&mut self, reason: &str, message: &str) -> bool {
         let key = format!("{reason}\0{message}");
         if self
             .reported
             .get(&key)
             .is_some_and(|t| t.elapsed() < REPORT_EVERY)
         {
-            return;
+            return false;
         }
         self.reported.insert(key, Instant::now());
+        true
+    }
+
+    /// A deduplicated Event on a PV (skipped if the PV is gone).
+    async fn report_pv(&mut self, pv: &str, warning: bool, reason: &'static str, message: String) {
+        if !self.due(reason, &message) {
+            return;
+        }
         // The Event first, then the log line: whoever reads the log can rely
         // on the Event being there.
         if let Some(obj) = self.kube.get_pv(pv).await {

@@ -123,10 +123,23 @@ pub fn decide_all(
     classes: &Classes,
     prober: &dyn Prober,
 ) -> Vec<Decision> {
+    decide_all_aged(inv, cfg, classes, prober, &|_| None)
+}
+
+/// Like `decide_all`, with how long each device has looked the same (the
+/// agent's settle tracking; `None` skips the settle check).
+pub fn decide_all_aged(
+    inv: &mut Inventory,
+    cfg: &Config,
+    classes: &Classes,
+    prober: &dyn Prober,
+    age: &dyn Fn(&Device) -> Option<std::time::Duration>,
+) -> Vec<Decision> {
     let facts = NodeFacts::new(inv, &cfg.host_dir, &cfg.kubelet_dir);
     let mut out = Vec::with_capacity(inv.devices.len());
     for i in 0..inv.devices.len() {
-        let mut d = evaluate(&inv.devices[i], inv, classes, &facts, None);
+        let a = age(&inv.devices[i]);
+        let mut d = evaluate(&inv.devices[i], inv, classes, &facts, a);
         if d.verdict
             == (Verdict::Pending {
                 reason: PendingReason::ExclusiveNotChecked,
@@ -134,7 +147,7 @@ pub fn decide_all(
         {
             let ex = prober.exclusive(&inv.devices[i]);
             inv.devices[i].exclusive = ex;
-            d = evaluate(&inv.devices[i], inv, classes, &facts, None);
+            d = evaluate(&inv.devices[i], inv, classes, &facts, a);
         }
         out.push(d);
     }
