@@ -3,6 +3,29 @@
 //! kills the process with SIGKILL right there, as a power cut or an OOM kill
 //! would. Without the feature, `hit` is an empty inline function: zero cost.
 
+/// Every crash point, in the order a volume's life passes them. The crash
+/// suite (`tests/crash_points.rs`) runs each, and fails if a point exists in
+/// the code but not here, so none goes untested.
+pub const POINTS: &[&str] = &[
+    // Provisioning: format (under the device lock), mount, publish.
+    "format-before-mkfs",
+    "format-after-mkfs",
+    "mount-after-mount",
+    "mount-after-voldir",
+    "apply-before",
+    "apply-after",
+    // Withdrawing a PV whose disk is gone.
+    "delete-after",
+    // Cleanup of a released volume.
+    "recycle-after-annotate",
+    "recycle-before-clean",
+    "files-mid-clean",
+    "recycle-after-wipe",
+    "recycle-after-mkfs",
+    "recycle-after-mount",
+    "recycle-after-delete",
+];
+
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     use std::sync::OnceLock;

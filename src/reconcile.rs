@@ -348,6 +348,7 @@ impl Agent {
                 let started = Instant::now();
                 let r = tokio::task::block_in_place(|| {
                     self.mounter.mount(&devnode, &target, &fs_type, &options)?;
+                    crate::failpoint::hit("mount-after-mount");
                     // The host must see it (mountPropagation: Bidirectional on
                     // hostDir), or kubelet cannot use it and every pass would
                     // stack another mount.
@@ -358,7 +359,9 @@ impl Agent {
                             table: self.cfg.mount_info.clone(),
                         });
                     }
-                    make_vol_dir(&target)
+                    make_vol_dir(&target)?;
+                    crate::failpoint::hit("mount-after-voldir");
+                    Ok(())
                 });
                 self.metrics
                     .mount_seconds
@@ -401,7 +404,11 @@ impl Agent {
             },
             Action::ApplyPv { pv, create } => {
                 let name = pv.metadata.name.clone().unwrap_or_default();
+                crate::failpoint::hit("apply-before");
                 let applied = self.kube.apply_pv(&pv).await;
+                if applied.is_ok() {
+                    crate::failpoint::hit("apply-after");
+                }
                 self.metrics.api("apply-pv", applied.is_ok());
                 match applied {
                     Ok(applied) => {
@@ -441,6 +448,7 @@ impl Agent {
                 self.metrics.api("delete-pv", r.is_ok());
                 match r {
                     Ok(()) => {
+                        crate::failpoint::hit("delete-after");
                         info!(pv = name, reason, "PV deleted");
                         self.kube
                             .event(
@@ -502,6 +510,7 @@ impl Agent {
                     warn!(pv, error = %e, "cannot record the cleanup start; not cleaning");
                     return false;
                 }
+                crate::failpoint::hit("recycle-after-annotate");
                 let started = Instant::now();
                 let r = tokio::task::block_in_place(|| {
                     self.recycle_blocking(
@@ -526,6 +535,9 @@ impl Agent {
                         );
                         let d = self.kube.delete_pv(&pv, &uid).await;
                         self.metrics.api("delete-pv", d.is_ok());
+                        if d.is_ok() {
+                            crate::failpoint::hit("recycle-after-delete");
+                        }
                         if let Err(e) = d {
                             warn!(pv, error = %e, "cleaned, but the PV delete failed; retried next pass");
                         }
@@ -718,6 +730,7 @@ impl Agent {
                         .mount(devnode, &target, fs_type.as_str(), &options)
                         .map_err(|e| e.to_string())?;
                     make_vol_dir(&target).map_err(|e| e.to_string())?;
+                    crate::failpoint::hit("recycle-after-mount");
                     return Ok(format!("new filesystem {new_uuid}"));
                 }
                 Ok(format!("{} wiped", devnode.display()))
@@ -846,11 +859,24 @@ impl Agent {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    k = rx.recv() => { if k.is_none() { break } }
-                    _ = tokio::time::sleep(resync) => {}
-                    _ = settle => {}
+                let mut settle = std::pin::pin!(settle);
+                let stop = loop {
+                    tokio::select! {
+                        _ = &mut shutdown => break true,
+                        k = rx.recv() => {
+                            if k.is_none() { break true }
+                            // While backing off after a failure, events do
+                            // not cut the wait short: the next pass is due at
+                            // `wake_at` anyway and sees them all, and an API
+                            // in trouble is not asked again per event.
+                            if failures == 0 { break false }
+                        }
+                        _ = tokio::time::sleep(resync) => break false,
+                        _ = &mut settle => break false,
+                    }
+                };
+                if stop {
+                    break;
                 }
                 // Debounce: a burst of events makes one reconcile.
                 tokio::time::sleep(DEBOUNCE).await;

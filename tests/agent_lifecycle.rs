@@ -319,64 +319,6 @@ async fn disks_that_vanish_and_return() {
     drop((agent, back_a, back_b));
 }
 
-/// SIGKILL at each step of a reformat cleanup; a new agent finishes it.
-#[cfg(feature = "failpoints")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cleanup_killed_at_any_step_is_finished_after_restart() {
-    if skip_unless_root("a_cleanup_killed_at_any_step_is_finished_after_restart") {
-        return;
-    }
-    for (i, fp) in [
-        "recycle-before-clean",
-        "recycle-after-wipe",
-        "recycle-after-mkfs",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (env, _sweep, _binder) = setup().await;
-        let cfg = config(env.path());
-        let mut agent =
-            Agent::start_env(&env, "agent", "node-a", &cfg, &[("DISKLET_FAILPOINTS", fp)]);
-        let _lp = Loop::new(&env.path().join("disks"), &format!("k{i}"), 320);
-        available(&env, "fast", &[]).await;
-        let claim = format!("c-{i}");
-        binder::claim(
-            &env.client,
-            "default",
-            &claim,
-            "local-fast",
-            "100Mi",
-            Some("node-a"),
-        )
-        .await
-        .unwrap();
-        let bound = binder::wait_bound(&env.client, "default", &claim, T)
-            .await
-            .unwrap();
-        std::fs::write(path_of(&bound).join("old"), "old tenant").unwrap();
-        binder::delete_claim(&env.client, "default", &claim)
-            .await
-            .unwrap();
-        let st = agent.wait_exit();
-        assert!(!st.success(), "{fp}: the failpoint killed the agent ({st})");
-        drop(agent);
-
-        let agent = Agent::start(&env, "agent2", "node-a", &cfg);
-        let fresh = available(&env, "fast", &[name_of(&bound)]).await;
-        let all = env
-            .wait_pvs(SEL, "only the fresh PV", |p| p.len() == 1)
-            .await;
-        assert_eq!(name_of(&all[0]), name_of(&fresh), "{fp}");
-        assert_eq!(
-            std::fs::read_dir(path_of(&fresh)).unwrap().count(),
-            0,
-            "{fp}: nothing of the old tenant"
-        );
-        drop(agent);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_discovery_dir_volume_is_cleaned_file_by_file_and_published_again() {
     if skip_unless_root("a_discovery_dir_volume_is_cleaned_file_by_file_and_published_again") {

@@ -426,6 +426,9 @@ impl Walker<'_> {
                 match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
                     Ok(()) => {
                         self.report.removed += 1;
+                        if self.report.removed == 1 {
+                            crate::failpoint::hit("files-mid-clean");
+                        }
                         return Step::Gone;
                     }
                     Err(Errno::ENOENT) => return Step::Gone,

@@ -232,6 +232,7 @@ pub fn format_safely(
     }
 
     // 5. mkfs, still under the lock. It opens the device O_EXCL itself.
+    crate::failpoint::hit("format-before-mkfs");
     let uuid = uuid::Uuid::new_v4().to_string();
     formatter
         .mkfs(&devnode, fs, &uuid)
@@ -239,6 +240,7 @@ pub fn format_safely(
             device: device.into(),
             source,
         })?;
+    crate::failpoint::hit("format-after-mkfs");
     drop(lock);
     Ok(uuid)
 }

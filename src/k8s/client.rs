@@ -25,6 +25,22 @@ pub enum KubeError {
     NodeMissing { node: String },
     #[error("{what}: {source}")]
     Api { what: String, source: kube::Error },
+    #[error("{what}: no answer from the API server within {}s", CALL_TIMEOUT.as_secs())]
+    Timeout { what: String },
+}
+
+/// The longest one API call may take (a hung connection must not stall the
+/// agent for the transport's 295 s). Watches are not bounded by it.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs one API call under `CALL_TIMEOUT`.
+async fn bounded<T>(
+    what: impl FnOnce() -> String,
+    call: impl std::future::Future<Output = Result<T, KubeError>>,
+) -> Result<T, KubeError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(KubeError::Timeout { what: what() }))
 }
 
 impl KubeError {
@@ -33,13 +49,16 @@ impl KubeError {
             KubeError::Config(_) => "config",
             KubeError::NodeMissing { .. } => "node-missing",
             KubeError::Api { .. } => "api",
+            KubeError::Timeout { .. } => "timeout",
         }
     }
 }
 
-fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
-    let what = what.into();
-    move |source| KubeError::Api { what, source }
+fn api_err(what: &str) -> impl FnOnce(kube::Error) -> KubeError + '_ {
+    move |source| KubeError::Api {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// A kube client bound to one node.
@@ -64,7 +83,11 @@ impl Kube {
         // minutes; the reconcile loop's own backoff (logged, counted) decides
         // instead, and the host side is never stuck behind one call.
         config.default_retry = false;
-        let client = Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
+        let gate = crate::k8s::throttle::RetryAfter::default();
+        let client = kube::client::ClientBuilder::try_from(config)
+            .map_err(|e| KubeError::Config(e.to_string()))?
+            .with_layer(&gate)
+            .build();
         Ok(Kube::new(client, node))
     }
 
@@ -89,14 +112,14 @@ impl Kube {
     }
 
     pub async fn node_info(&self) -> Result<(NodeInfo, Node), KubeError> {
-        let n = self
-            .nodes
-            .get_opt(&self.node)
-            .await
-            .map_err(api_err(format!("get Node {}", self.node)))?
-            .ok_or_else(|| KubeError::NodeMissing {
-                node: self.node.clone(),
-            })?;
+        let what = format!("get Node {}", self.node);
+        let n = bounded(|| what.clone(), async {
+            self.nodes.get_opt(&self.node).await.map_err(api_err(&what))
+        })
+        .await?
+        .ok_or_else(|| KubeError::NodeMissing {
+            node: self.node.clone(),
+        })?;
         let labels = n.metadata.labels.clone().unwrap_or_default();
         let info = NodeInfo {
             name: self.node.clone(),
@@ -112,11 +135,11 @@ impl Kube {
 
     /// `None` when the StorageClass does not exist.
     pub async fn storage_class(&self, name: &str) -> Result<Option<ScInfo>, KubeError> {
-        let sc = self
-            .scs
-            .get_opt(name)
-            .await
-            .map_err(api_err(format!("get StorageClass {name}")))?;
+        let what = format!("get StorageClass {name}");
+        let sc = bounded(|| what.clone(), async {
+            self.scs.get_opt(name).await.map_err(api_err(&what))
+        })
+        .await?;
         Ok(sc.map(|sc| ScInfo {
             reclaim_policy: sc.reclaim_policy.unwrap_or_else(|| "Delete".into()),
             mount_options: sc.mount_options.unwrap_or_default(),
@@ -130,14 +153,18 @@ impl Kube {
         let mut body = serde_json::to_value(pv).map_err(|e| KubeError::Config(e.to_string()))?;
         body["apiVersion"] = "v1".into();
         body["kind"] = "PersistentVolume".into();
-        self.pvs
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(api_err(format!("apply PersistentVolume {name}")))
+        let what = format!("apply PersistentVolume {name}");
+        bounded(|| what.clone(), async {
+            self.pvs
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .map_err(api_err(&what))
+        })
+        .await
     }
 
     /// Deletes a PV, only if it still has `uid` (a PV recreated under the
@@ -150,14 +177,18 @@ impl Kube {
                 resource_version: None,
             });
         }
-        match self.pvs.delete(name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(source) => Err(KubeError::Api {
-                what: format!("delete PersistentVolume {name}"),
-                source,
-            }),
-        }
+        let what = || format!("delete PersistentVolume {name}");
+        bounded(what, async {
+            match self.pvs.delete(name, &dp).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                Err(source) => Err(KubeError::Api {
+                    what: what(),
+                    source,
+                }),
+            }
+        })
+        .await
     }
 
     /// Sets or removes annotations with a JSON merge patch (annotations only:
@@ -176,16 +207,24 @@ impl Kube {
             );
         }
         let patch = serde_json::json!({"metadata": {"annotations": anns}});
-        self.pvs
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(|_| ())
-            .map_err(api_err(format!("annotate PersistentVolume {name}")))
+        let what = format!("annotate PersistentVolume {name}");
+        bounded(|| what.clone(), async {
+            self.pvs
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+                .map_err(api_err(&what))
+        })
+        .await
     }
 
     /// A PV by name, for Events about it.
     pub async fn get_pv(&self, name: &str) -> Option<PersistentVolume> {
-        self.pvs.get_opt(name).await.ok().flatten()
+        tokio::time::timeout(CALL_TIMEOUT, self.pvs.get_opt(name))
+            .await
+            .ok()?
+            .ok()
+            .flatten()
     }
 
     /// Publishes an Event about `obj` (a PV or the Node). Failures are logged,
@@ -209,8 +248,18 @@ impl Kube {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "could not publish Event");
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.recorder.publish(&ev, &obj.object_ref(&())),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, reason, "could not publish Event"),
+            Err(_) => tracing::warn!(
+                reason,
+                "could not publish Event: the API server did not answer"
+            ),
         }
     }
 
@@ -232,10 +281,14 @@ impl Kube {
         let drive = async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
-                if let Err(e) = item {
-                    tracing::warn!(error = %e, "PV watch error; retrying with backoff");
+                match item {
+                    Ok(_) => {
+                        let _ = kick.try_send(());
+                    }
+                    // Not a kick: nothing changed, and a failing watch must
+                    // not drive requests of its own.
+                    Err(e) => tracing::warn!(error = %e, "PV watch error; retrying with backoff"),
                 }
-                let _ = kick.try_send(());
             }
         };
         (reader, drive)

@@ -110,6 +110,11 @@ impl Drop for Loop {
         if self.partitions {
             let _ = Command::new("partx").args(["-d", self.path()]).status();
         }
+        // A read-only flag set with `blockdev --setro` outlives the attach
+        // and would make the next test's loop on this node read-only.
+        let _ = Command::new("blockdev")
+            .args(["--setrw", self.path()])
+            .status();
         let _ = Command::new("losetup").args(["-d", self.path()]).status();
     }
 }

@@ -356,6 +356,9 @@ pub struct RequestRecord {
     pub status: u16,
     /// Whether a fault rule shaped the answer.
     pub faulted: bool,
+    /// When the request arrived, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_unix_ms: u64,
 }
 
 /// The request log.

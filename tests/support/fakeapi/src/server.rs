@@ -429,6 +429,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         user_agent: user_agent.clone(),
         status: 0,
         faulted: false,
+        at_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
     };
     let decision = state.faults.check(verb, resource.as_deref(), &group);
     if !decision.delay.is_zero() {
