@@ -8,7 +8,7 @@
 /// the code but not here, so none goes untested.
 pub const POINTS: &[&str] = &[
     // Provisioning: format (under the device lock), mount, publish.
-    "format-before-mkfs",
+    "format-after-lock",
     "format-after-mkfs",
     "mount-after-mount",
     "mount-after-voldir",

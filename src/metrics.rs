@@ -117,7 +117,9 @@ impl Default for Metrics {
         // appearing with the first failure.
         for kind in [
             "api",
+            "timeout",
             "node-missing",
+            "pvs-not-listed",
             "host",
             "mount",
             "format-device-changed",

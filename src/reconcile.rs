@@ -28,6 +28,8 @@ pub enum ReconcileError {
     Kube(#[from] KubeError),
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error("this node's PersistentVolumes could not be listed yet (see the PV watch errors above); nothing is done until they are: a disk one of them names must never look free")]
+    PvsNotListed,
 }
 
 /// Shared, read by health endpoints and tests.
@@ -842,8 +844,15 @@ impl Agent {
                 }
             }
         });
-        // Decide on PVs only once the watch has listed them.
-        let _ = tokio::time::timeout(Duration::from_secs(30), store.wait_until_ready()).await;
+        // Decisions need the PVs: a pass waits a little for the first list,
+        // and fails (with backoff) while there is none.
+        let pvs_listed = || async {
+            use futures::FutureExt;
+            store.wait_until_ready().now_or_never().is_some()
+                || tokio::time::timeout(Duration::from_secs(5), store.wait_until_ready())
+                    .await
+                    .is_ok()
+        };
 
         let resync = Duration::from_secs(self.cfg.resync_seconds);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -886,9 +895,14 @@ impl Agent {
             let mut passes = 0;
             loop {
                 passes += 1;
-                let pvs: Vec<PersistentVolume> =
-                    store.state().iter().map(|p| (**p).clone()).collect();
-                match self.reconcile(&pvs).await {
+                let result = if pvs_listed().await {
+                    let pvs: Vec<PersistentVolume> =
+                        store.state().iter().map(|p| (**p).clone()).collect();
+                    self.reconcile(&pvs).await
+                } else {
+                    Err(ReconcileError::PvsNotListed)
+                };
+                match result {
                     Ok(o) => {
                         wake_at = o.wake_at;
                         backoff = Duration::from_millis(200);
@@ -909,6 +923,7 @@ impl Agent {
                         self.metrics.error(match &e {
                             ReconcileError::Kube(k) => k.kind(),
                             ReconcileError::Host(_) => "host",
+                            ReconcileError::PvsNotListed => "pvs-not-listed",
                         });
                         warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed");
                         wake_at = Some(Instant::now() + backoff);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use disklet_fakeapi::{FaultAction, FaultRule, OutageKind, RequestRecord, Verb};
 use k8s_openapi::api::core::v1::PersistentVolume;
-use support::agent::{Agent, MountSweeper};
+use support::agent::{blkid, Agent, MountSweeper};
 use support::*;
 
 const SEL: &str = "disklet.io/node=node-a";
@@ -316,5 +316,39 @@ async fn a_sixty_second_outage() {
         during <= 40,
         "backs off instead of hammering: {during} requests in 60 s"
     );
+    drop(agent);
+}
+
+/// Listing this node's PVs fails from the start (the watch gets 500s) while
+/// a blank disk waits: nothing is formatted, mounted or published until the
+/// list succeeds (a blank disk could be a raw Block volume one of the unseen
+/// PVs hands to a pod). Then the disk is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_done_before_the_pvs_are_listed() {
+    if skip_unless_root("nothing_is_done_before_the_pvs_are_listed") {
+        return;
+    }
+    let env = support::agent::env().await;
+    let _sweep = MountSweeper(env.path().to_path_buf());
+    let no_list = env.server.faults().inject(
+        FaultRule::always(FaultAction::Status { code: 500 })
+            .verb(Verb::List)
+            .resource("persistentvolumes"),
+    );
+    let a = Loop::new(&env.path().join("disks"), "a", 320);
+    let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
+    for _ in 0..2 {
+        agent.wait_log("could not be listed yet");
+    }
+    assert_eq!(blkid(a.path(), "TYPE"), "", "not formatted blind");
+    assert!(MountSweeper::mounts_under(&env.path().join("hostdir")).is_empty());
+    assert_eq!(
+        env.server.count(Verb::Patch, "persistentvolumes"),
+        0,
+        "nothing published blind"
+    );
+    env.server.faults().remove(no_list);
+    let pvs = env.wait_pvs(SEL, "the PV", |p| p.len() == 1).await;
+    assert_eq!(pvs.len(), 1);
     drop(agent);
 }

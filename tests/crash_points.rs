@@ -543,3 +543,75 @@ async fn files_cleanup_killed_midway_converges() {
         left.len()
     );
 }
+
+/// Kills at random moments (not at named points) while six disks arrive one
+/// by one: twelve agents in a row, each SIGKILLed after 0–600 ms, then one
+/// left to finish. Every filesystem seen at any kill must survive to the end;
+/// one PV and one mount per disk. The seed is printed; set
+/// `DISKLET_CHAOS_SEED` to replay the same kill delays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_while_disks_arrive_converge() {
+    if skip_unless_root("random_kills_while_disks_arrive_converge") {
+        return;
+    }
+    let seed: u64 = std::env::var("DISKLET_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("chaos seed {seed} (DISKLET_CHAOS_SEED={seed} replays its kill delays)");
+    let mut state = seed | 1;
+    let mut next = move || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let (w, agent) = world().await;
+    agent.kill();
+    let disks = w.env.path().join("disks");
+    let mut loops: Vec<Loop> = Vec::new();
+    let mut seen: std::collections::HashMap<PathBuf, String> = Default::default();
+    let mut record = |loops: &[Loop]| {
+        for l in loops {
+            let u = blkid(l.path(), "UUID");
+            if u.is_empty() {
+                continue;
+            }
+            let first = seen.entry(l.file.clone()).or_insert_with(|| u.clone());
+            assert_eq!(*first, u, "seed {seed}: {} formatted twice", l.path());
+        }
+    };
+    for round in 0..12 {
+        if round < 6 {
+            loops.push(Loop::new(&disks, &format!("d{round}"), 320));
+        }
+        let agent = Agent::start(&w.env, &format!("chaos-{round}"), "node-a", &w.cfg);
+        // The fault's timing, not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(next() % 600)).await;
+        agent.kill();
+        record(&loops);
+    }
+    let agent = Agent::start(&w.env, "recover", "node-a", &w.cfg);
+    let ids: Vec<String> = loops.iter().map(id_of).collect();
+    w.env
+        .wait_pvs(SEL, "every disk published", |p| {
+            ids.iter().all(|id| p.iter().any(|pv| &device_id(pv) == id))
+        })
+        .await;
+    drop(agent);
+    record(&loops);
+    let ours = w.check("chaos", loops.len() + 1).await;
+    for l in &loops {
+        let pv = ours.iter().find(|p| device_id(p) == id_of(l)).unwrap();
+        w.check_mounted(&format!("chaos seed {seed}"), l, pv);
+    }
+    eprintln!("chaos seed {seed}: converged with {} disks", loops.len());
+    drop(loops);
+    drop(w);
+}

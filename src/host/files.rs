@@ -426,9 +426,8 @@ impl Walker<'_> {
                 match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
                     Ok(()) => {
                         self.report.removed += 1;
-                        if self.report.removed == 1 {
-                            crate::failpoint::hit("files-mid-clean");
-                        }
+                        // Armed, the first file unlinked is the last.
+                        crate::failpoint::hit("files-mid-clean");
                         return Step::Gone;
                     }
                     Err(Errno::ENOENT) => return Step::Gone,

@@ -232,7 +232,7 @@ pub fn format_safely(
     }
 
     // 5. mkfs, still under the lock. It opens the device O_EXCL itself.
-    crate::failpoint::hit("format-before-mkfs");
+    crate::failpoint::hit("format-after-lock");
     let uuid = uuid::Uuid::new_v4().to_string();
     formatter
         .mkfs(&devnode, fs, &uuid)
