@@ -9,6 +9,7 @@ use disklet::config::Config;
 use disklet::k8s::pv::build_pv;
 use disklet::model::*;
 use disklet::plan::{evaluate, plan, Action, Classes, NodeFacts, PlanInput};
+use k8s_openapi::api::core::v1::PersistentVolume;
 
 const CFG: &str = r#"
 hostDir: /var/lib/disklet
@@ -150,6 +151,31 @@ impl World {
             )
         })
         .collect()
+    }
+}
+
+impl World {
+    /// Every action, the lifecycle's included (for PVs edited by hand and
+    /// disks that turned unfit, where provisioning and lifecycle meet).
+    fn plan_all(&self) -> Vec<Action> {
+        let facts = NodeFacts::new(&self.inv, &self.cfg.host_dir, &self.cfg.kubelet_dir);
+        let decisions: Vec<_> = self
+            .inv
+            .devices
+            .iter()
+            .map(|d| evaluate(d, &self.inv, &self.classes, &facts, None))
+            .collect();
+        plan(&PlanInput {
+            cfg: &self.cfg,
+            classes: &self.classes,
+            inv: &self.inv,
+            decisions: &decisions,
+            mounts: &self.mounts,
+            dirs: &self.dirs,
+            pvs: &self.pvs,
+            node: &self.node,
+            scs: &self.scs,
+        })
     }
 }
 
@@ -522,4 +548,285 @@ fn a_discovery_link_to_a_disk_in_use_is_refused() {
         unreachable!()
     };
     assert!(message.contains("OS disk"), "{message}");
+}
+
+const TARGET: &str = "/var/lib/disklet/fast/u-1";
+
+/// A disk disklet formatted, mounted and published, with its PV as disklet
+/// wrote it (Available unless `phase` says otherwise; a claim for Bound and
+/// Released).
+fn published(phase: &str) -> (World, PersistentVolume) {
+    let d = ours("sda", 0, "u-1");
+    let mut w = world(vec![d.clone()], vec![mount(&d, TARGET)]);
+    w.mounts.insert(
+        TARGET.into(),
+        MountFact {
+            vol_dir: true,
+            capacity_bytes: 99 << 30,
+            vol_empty: true,
+        },
+    );
+    let Some(Action::ApplyPv { pv, .. }) = w.plan().pop() else {
+        unreachable!()
+    };
+    let mut pv = *pv;
+    pv.metadata.uid = Some("uid-1".into());
+    pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+        phase: Some(phase.into()),
+        ..Default::default()
+    });
+    if phase != "Available" {
+        pv.spec.as_mut().unwrap().claim_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+            name: Some("c1".into()),
+            namespace: Some("default".into()),
+            uid: Some("claim-uid".into()),
+            ..Default::default()
+        });
+    }
+    w.pvs = vec![pv.clone()];
+    let a = all_kinds(&w.plan_all());
+    let want: &[&str] = if phase == "Released" {
+        &["recycle"]
+    } else {
+        &[]
+    };
+    assert_eq!(a, want, "{phase}: in sync");
+    (w, pv)
+}
+
+fn all_kinds(a: &[Action]) -> Vec<String> {
+    a.iter()
+        .map(|a| match a {
+            Action::DeletePv { reason, note, .. } => format!("delete:{reason}:{note}"),
+            Action::AnnotatePv { set, .. } => format!(
+                "annotate:{}={}",
+                set[0].0,
+                set[0].1.clone().unwrap_or_else(|| "-".into())
+            ),
+            Action::Report { reason, .. } => reason.to_string(),
+            other => kinds(std::slice::from_ref(other))[0].to_string(),
+        })
+        .collect()
+}
+
+fn set_path(pv: &mut PersistentVolume, path: &str) {
+    pv.spec.as_mut().unwrap().local.as_mut().unwrap().path = path.into();
+}
+
+fn set_hostname(pv: &mut PersistentVolume, host: &str) {
+    let a = pv.spec.as_mut().unwrap().node_affinity.as_mut().unwrap();
+    a.required.as_mut().unwrap().node_selector_terms[0]
+        .match_expressions
+        .as_mut()
+        .unwrap()[0]
+        .values = Some(vec![host.into()]);
+}
+
+#[test]
+fn a_pv_whose_immutable_fields_were_edited_is_withdrawn_if_unclaimed_and_kept_if_claimed() {
+    // The API server refuses to change spec.local and spec.nodeAffinity, so
+    // re-applying them fails on every pass: an unclaimed PV is withdrawn
+    // (the next pass publishes it again), a claimed one is reported.
+    let (mut w, pv) = published("Available");
+    let mut edited = pv.clone();
+    set_path(&mut edited, "/root/elsewhere");
+    w.pvs = vec![edited.clone()];
+    let a = all_kinds(&w.plan_all());
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert!(
+        a[0].starts_with("delete:VolumeWithdrawn:") && a[0].contains("spec.local"),
+        "{a:?}"
+    );
+    set_hostname(&mut edited, "n2");
+    w.pvs = vec![edited.clone()];
+    let a = all_kinds(&w.plan_all());
+    assert!(a[0].contains("spec.local, spec.nodeAffinity"), "{a:?}");
+
+    // Pre-bound by a user (claimRef, still Available): not withdrawn.
+    let mut pre = edited.clone();
+    pre.spec.as_mut().unwrap().claim_ref = Some(Default::default());
+    w.pvs = vec![pre];
+    assert_eq!(all_kinds(&w.plan_all()), ["PvModified"]);
+
+    let (mut w, pv) = published("Bound");
+    let mut edited = pv.clone();
+    set_hostname(&mut edited, "n2");
+    w.pvs = vec![edited];
+    assert_eq!(
+        all_kinds(&w.plan_all()),
+        ["PvModified"],
+        "never deleted, never re-applied"
+    );
+
+    // Released: the cleanup acts on the volume the key names, not the path.
+    let (mut w, pv) = published("Released");
+    let mut edited = pv.clone();
+    set_path(&mut edited, "/root/elsewhere");
+    w.pvs = vec![edited];
+    let a = w.plan_all();
+    assert_eq!(all_kinds(&a), ["recycle"]);
+    let Action::Recycle { target, .. } = &a[0] else {
+        unreachable!()
+    };
+    assert!(
+        matches!(target, disklet::plan::recycle::Target::Fs { mount_point: Some(m), .. } if m == &PathBuf::from(TARGET))
+    );
+}
+
+#[test]
+fn a_pv_whose_name_does_not_match_its_key_is_never_acted_on() {
+    // A copy of another PV under a new name, or a key edited to name another
+    // volume: acting on it could clean someone else's data.
+    let (mut w, pv) = published("Released");
+    let mut copy = pv.clone();
+    copy.metadata.name = Some("my-copy".into());
+    copy.metadata.uid = Some("uid-2".into());
+    w.pvs = vec![copy];
+    let a = all_kinds(&w.plan_all());
+    assert!(a.contains(&"UnmanagedPv".to_string()), "{a:?}");
+    assert!(!a.iter().any(|k| k == "recycle"), "{a:?}");
+
+    // Another volume's key on this PV (every identity annotation matching it).
+    let other = ours("sdb", 16, "u-2");
+    w.inv.devices.push(other.clone());
+    w.inv
+        .mounts
+        .push(mount(&other, "/var/lib/disklet/fast/u-2"));
+    let mut forged = pv.clone();
+    let anns = forged.metadata.annotations.as_mut().unwrap();
+    anns.insert("disklet.io/volume-key".into(), "fs:u-2".into());
+    anns.insert("disklet.io/fs-uuid".into(), "u-2".into());
+    anns.insert("disklet.io/device-id".into(), "serial:SER-sdb".into());
+    w.pvs = vec![forged];
+    let a = all_kinds(&w.plan_all());
+    assert!(a.contains(&"UnmanagedPv".to_string()), "{a:?}");
+    assert!(!a.iter().any(|k| k == "recycle"), "{a:?}");
+}
+
+#[test]
+fn forged_identity_annotations_of_a_released_pv_are_restored_before_any_cleanup() {
+    let (mut w, pv) = published("Released");
+    let mut forged = pv.clone();
+    let anns = forged.metadata.annotations.as_mut().unwrap();
+    anns.insert("disklet.io/fs-uuid".into(), "u-2".into());
+    anns.insert("disklet.io/device-id".into(), "serial:SER-sdb".into());
+    w.pvs = vec![forged];
+    let a = w.plan_all();
+    assert_eq!(all_kinds(&a)[0], "PvModified");
+    let Some(Action::AnnotatePv { set, .. }) = a.get(1) else {
+        panic!("{a:?}")
+    };
+    assert_eq!(
+        set,
+        &vec![
+            ("disklet.io/fs-uuid".to_string(), Some("u-1".to_string())),
+            (
+                "disklet.io/device-id".to_string(),
+                Some("serial:SER-sda".to_string())
+            ),
+        ]
+    );
+    assert_eq!(a.len(), 2, "no cleanup on forged values: {a:?}");
+}
+
+#[test]
+fn a_disk_smaller_than_its_filesystem_is_never_offered_and_its_pvs_are_withdrawn_or_marked() {
+    let shrink = |w: &mut World| {
+        w.inv.devices[1].size_bytes = 50 << 30;
+    };
+    // No PV yet: not published, reported.
+    let (mut w, _) = published("Available");
+    w.pvs.clear();
+    shrink(&mut w);
+    assert_eq!(all_kinds(&w.plan_all()), ["DeviceShrunk"]);
+    // Available: withdrawn.
+    let (mut w, _) = published("Available");
+    shrink(&mut w);
+    let a = all_kinds(&w.plan_all());
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert!(
+        a[0].starts_with("delete:VolumeWithdrawn:") && a[0].contains("smaller"),
+        "{a:?}"
+    );
+    // Bound, Released (even mid-cleanup): kept, marked, never cleaned.
+    for phase in ["Bound", "Released"] {
+        let (mut w, pv) = published(phase);
+        shrink(&mut w);
+        assert_eq!(
+            all_kinds(&w.plan_all()),
+            ["DeviceShrunk", "annotate:disklet.io/device-state=shrunk"],
+            "{phase}"
+        );
+        let mut marked = pv.clone();
+        let anns = marked.metadata.annotations.as_mut().unwrap();
+        anns.insert("disklet.io/device-state".into(), "shrunk".into());
+        anns.insert("disklet.io/cleanup".into(), "started".into());
+        w.pvs = vec![marked.clone()];
+        assert!(
+            w.plan_all().is_empty(),
+            "{phase}: marked once, nothing else"
+        );
+        // Fit again: the mark is cleared.
+        w.inv.devices[1].size_bytes = 100 << 30;
+        let a = all_kinds(&w.plan_all());
+        assert_eq!(
+            a[..2],
+            ["DeviceReturned", "annotate:disklet.io/device-state=-"],
+            "{phase}"
+        );
+    }
+    // A grown disk changes nothing: the PV has the filesystem's size.
+    let (mut w, _) = published("Bound");
+    w.inv.devices[1].size_bytes = 200 << 30;
+    assert!(w.plan_all().is_empty());
+}
+
+#[test]
+fn a_read_only_or_unreadable_disk_is_never_taken_for_a_replaced_or_cleaned_one() {
+    let read_only = |w: &mut World| w.inv.devices[1].read_only = true;
+    let (mut w, _) = published("Available");
+    read_only(&mut w);
+    let a = all_kinds(&w.plan_all());
+    assert!(
+        a[0].starts_with("delete:VolumeWithdrawn:") && a[0].contains("read-only"),
+        "{a:?}"
+    );
+    assert!(!a.iter().any(|k| k == "VolumeReplaced"), "{a:?}");
+    let (mut w, pv) = published("Bound");
+    read_only(&mut w);
+    let a = all_kinds(&w.plan_all());
+    assert!(a.contains(&"DeviceReadOnly".to_string()), "{a:?}");
+    assert!(
+        a.contains(&"annotate:disklet.io/device-state=read-only".to_string()),
+        "{a:?}"
+    );
+    assert!(!a.iter().any(|k| k.starts_with("delete")), "{a:?}");
+
+    // A Released PV whose cleanup had started: a read-only disk, or one whose
+    // probe failed, is not "the cleanup finished" (the PV would be deleted
+    // with the data still on the disk).
+    let mut started = pv.clone();
+    started.status.as_mut().unwrap().phase = Some("Released".into());
+    started
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("disklet.io/cleanup".into(), "started".into());
+    w.pvs = vec![started.clone()];
+    let a = all_kinds(&w.plan_all());
+    assert!(
+        !a.iter().any(|k| k.starts_with("delete") || k == "recycle"),
+        "{a:?}"
+    );
+    w.inv.devices[1].read_only = false;
+    w.inv.devices[1].probe = Probe::Failed {
+        error: "timed out".into(),
+    };
+    let a = all_kinds(&w.plan_all());
+    assert!(
+        !a.iter().any(|k| k.starts_with("delete") || k == "recycle"),
+        "{a:?}"
+    );
+    assert!(!a.iter().any(|k| k == "VolumeReplaced"), "{a:?}");
 }

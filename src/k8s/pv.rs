@@ -164,6 +164,68 @@ pub fn up_to_date(existing: &PersistentVolume, desired: &PersistentVolume) -> bo
         && es.local == ds.local
 }
 
+/// The fields of `existing` that differ from `desired` and that the API
+/// server never lets change on an existing PV (`spec.local`,
+/// `spec.nodeAffinity`, `spec.volumeMode`): only a delete and a create (a
+/// `kubectl replace --force`, or disklet publishing anew) can set them.
+/// Node selector terms compare as sets, so a reordering is no difference.
+pub fn immutable_differences(
+    existing: &PersistentVolume,
+    desired: &PersistentVolume,
+) -> Vec<&'static str> {
+    let (Some(es), Some(ds)) = (&existing.spec, &desired.spec) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let local = |s: &PersistentVolumeSpec| {
+        s.local
+            .as_ref()
+            .map(|l| (l.path.clone(), l.fs_type.clone().filter(|f| !f.is_empty())))
+    };
+    if local(es) != local(ds) {
+        out.push("spec.local");
+    }
+    if affinity_terms(es) != affinity_terms(ds) {
+        out.push("spec.nodeAffinity");
+    }
+    let mode =
+        |s: &PersistentVolumeSpec| s.volume_mode.clone().unwrap_or_else(|| "Filesystem".into());
+    if mode(es) != mode(ds) {
+        out.push("spec.volumeMode");
+    }
+    out
+}
+
+/// Required node affinity as a sorted set of terms, each a sorted set of
+/// (key, operator, sorted values) for expressions and fields.
+type Requirement = (String, String, Vec<String>);
+fn affinity_terms(s: &PersistentVolumeSpec) -> Vec<(Vec<Requirement>, Vec<Requirement>)> {
+    let norm = |r: &Option<Vec<NodeSelectorRequirement>>| {
+        let mut v: Vec<Requirement> = r
+            .iter()
+            .flatten()
+            .map(|e| {
+                let mut vals = e.values.clone().unwrap_or_default();
+                vals.sort();
+                (e.key.clone(), e.operator.clone(), vals)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut terms: Vec<_> = s
+        .node_affinity
+        .as_ref()
+        .and_then(|a| a.required.as_ref())
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|t| (norm(&t.match_expressions), norm(&t.match_fields)))
+        .collect();
+    terms.sort();
+    terms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +342,30 @@ mod tests {
         changed.spec.as_mut().unwrap().capacity =
             Some([("storage".to_string(), Quantity("1".into()))].into());
         assert!(!up_to_date(&changed, &pv));
+        assert!(immutable_differences(&pv, &pv).is_empty());
+        assert!(
+            immutable_differences(&changed, &pv).is_empty(),
+            "capacity may change"
+        );
+        let mut moved = pv.clone();
+        moved.spec.as_mut().unwrap().local.as_mut().unwrap().path = "/elsewhere".into();
+        fn exprs_of(p: &mut PersistentVolume) -> &mut Vec<NodeSelectorRequirement> {
+            let a = p.spec.as_mut().unwrap().node_affinity.as_mut().unwrap();
+            a.required.as_mut().unwrap().node_selector_terms[0]
+                .match_expressions
+                .as_mut()
+                .unwrap()
+        }
+        exprs_of(&mut moved).reverse();
+        assert_eq!(
+            immutable_differences(&moved, &pv),
+            ["spec.local"],
+            "reordered expressions are the same affinity"
+        );
+        exprs_of(&mut moved)[0].values = Some(vec!["node-b".into()]);
+        assert_eq!(
+            immutable_differences(&moved, &pv),
+            ["spec.local", "spec.nodeAffinity"]
+        );
     }
 }

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::PersistentVolume;
 
 use crate::config::{Class, Config, FsType, VolumeMode};
-use crate::k8s::pv::{build_pv, up_to_date, ANN_BY_ID, ANN_DEVICE_ID, ANN_FS_UUID, ANN_SERIAL};
+use crate::k8s::pv::{
+    build_pv, immutable_differences, up_to_date, ANN_BY_ID, ANN_DEVICE_ID, ANN_FS_UUID, ANN_KEY,
+    ANN_SERIAL,
+};
 use crate::model::{
     Device, DirEntry, DirEntryKind, Fingerprint, Inventory, MountFact, NodeInfo, ScInfo, Volume,
 };
@@ -116,6 +119,14 @@ pub fn stable_dev_path(dev: &Device) -> Option<PathBuf> {
     pick("/dev/disk/by-id/").or_else(|| pick("/dev/disk/by-path/"))
 }
 
+/// Whether a device is smaller than the filesystem mounted from it: the
+/// kernel then fails every access beyond the device's end (and refuses to
+/// mount it again). `statvfs` undercounts a filesystem (the xfs log, ext4
+/// metadata), so only a shrink below what it reports is seen.
+pub fn shrunk(dev: &Device, fact: &MountFact) -> bool {
+    fact.capacity_bytes > dev.size_bytes
+}
+
 fn class_of<'a>(classes: &'a Classes, name: &str) -> Option<&'a Class> {
     classes
         .classes
@@ -140,6 +151,10 @@ fn identity_annotations(dev: &Device) -> BTreeMap<String, String> {
         a.insert(ANN_SERIAL.to_string(), s);
     }
     a
+}
+
+fn pv_annotation<'a>(pv: &'a PersistentVolume, k: &str) -> Option<&'a str> {
+    pv.metadata.annotations.as_ref()?.get(k).map(String::as_str)
 }
 
 fn report(warning: bool, reason: &'static str, message: String) -> Action {
@@ -282,6 +297,28 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     continue;
                 }
                 match input.mounts.get(&target) {
+                    // Never offered to a new claim; the lifecycle plan
+                    // withdraws or marks its PV.
+                    Some(f) if shrunk(dev, f) => {
+                        let key = format!("fs:{uuid}");
+                        let has_pv = input
+                            .pvs
+                            .iter()
+                            .any(|p| pv_annotation(p, ANN_KEY) == Some(key.as_str()));
+                        if !has_pv {
+                            actions.push(report(
+                                true,
+                                "DeviceShrunk",
+                                format!(
+                                    "{} ({} bytes) is smaller than its filesystem at {} ({} bytes); not publishing it",
+                                    dev.devnode.display(),
+                                    dev.size_bytes,
+                                    target.display(),
+                                    f.capacity_bytes
+                                ),
+                            ));
+                        }
+                    }
                     Some(f) if f.vol_dir => {
                         let mut annotations = identity_annotations(dev);
                         annotations.insert(ANN_FS_UUID.to_string(), uuid.clone());
@@ -415,7 +452,35 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                 let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
                 let settled = pv.metadata.deletion_timestamp.is_some()
                     || matches!(phase, Some("Released" | "Failed"));
-                if !settled && !up_to_date(pv, &desired) {
+                if settled {
+                    continue;
+                }
+                // Fields the API server never lets change (a `kubectl replace
+                // --force` with an edited copy): applying them fails on every
+                // pass. An unclaimed PV is withdrawn and published again as
+                // disklet writes it; a claimed one is left as is.
+                let changed = immutable_differences(pv, &desired);
+                if !changed.is_empty() {
+                    let unclaimed = matches!(phase, None | Some("Available" | "Pending"))
+                        && pv.spec.as_ref().is_none_or(|s| s.claim_ref.is_none());
+                    let uid = pv.metadata.uid.clone().unwrap_or_default();
+                    let fields = changed.join(", ");
+                    if unclaimed {
+                        applies.push(Action::DeletePv {
+                            name: name.clone(),
+                            uid,
+                            reason: "VolumeWithdrawn",
+                            note: format!("{name}: {fields} is not what disklet publishes for this volume (edited by hand?); withdrawn so nothing is scheduled onto it, and published again as disklet writes it"),
+                        });
+                    } else {
+                        actions.push(Action::Report {
+                            warning: true,
+                            reason: "PvModified",
+                            message: format!("{name} ({}): {fields} is not what disklet publishes for this volume (edited by hand?); a claimed PV is left as is, and a cleanup after its release acts only on the volume its key names, never on its path", phase.unwrap_or("Pending")),
+                            subject: Subject::Pv(name.clone()),
+                        });
+                    }
+                } else if !up_to_date(pv, &desired) {
                     applies.push(Action::ApplyPv {
                         pv: Box::new(desired),
                         create: false,

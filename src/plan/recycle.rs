@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::PersistentVolume;
 
 use crate::config::{CleanupMethod, FsType};
-use crate::k8s::pv::{ANN_DEVICE_ID, ANN_FS_UUID, ANN_KEY, ANN_NODE_UID, LABEL_CLASS};
-use crate::model::{DevNo, DirEntryKind, Inventory};
-use crate::plan::provision::{mount_target, Action, PlanInput};
+use crate::k8s::pv::{pv_name, ANN_DEVICE_ID, ANN_FS_UUID, ANN_KEY, ANN_NODE_UID, LABEL_CLASS};
+use crate::model::{DevNo, DirEntryKind, Inventory, Probe};
+use crate::plan::eligibility::{ownership, Reason};
+use crate::plan::provision::{mount_target, shrunk, Action, PlanInput};
 use crate::plan::Verdict;
 
-/// Annotation: `missing` while the PV's disk is not on the node.
+/// Annotation: why the PV's disk cannot serve it now: `missing` (not on the
+/// node), `shrunk` (smaller than its filesystem), `read-only`, or another
+/// refusal reason code of the disk. Removed once the disk is fit again.
 pub const ANN_DEVICE_STATE: &str = "disklet.io/device-state";
 /// Annotation: a cleanup was started (`started`); survives a crash, so the
 /// next agent finishes it.
@@ -79,6 +82,21 @@ impl Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Located {
     Present(Target),
+    /// The volume is here but cannot serve a pod: its disk turned read-only,
+    /// is smaller than its filesystem, is mounted by someone else, was
+    /// cloned... Nothing new goes onto it and nothing on it is cleaned.
+    Unfit {
+        device: String,
+        /// The `disklet.io/device-state` value: `shrunk`, or the disk's
+        /// refusal reason code.
+        state: String,
+        why: String,
+    },
+    /// What the disk holds cannot be known now (its probe failed, udev has
+    /// not processed it): nothing is decided until it can.
+    Unknown {
+        device: String,
+    },
     /// The disk is here, but the filesystem the PV names is not on it any
     /// more (a reformat that finished, or somebody else's mkfs).
     ContentChanged {
@@ -110,17 +128,57 @@ pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
             .cloned()
             .unwrap_or_default();
         let target = mount_target(&input.cfg.host_dir, &class, uuid);
-        for (dev, d) in inv.devices.iter().zip(input.decisions) {
-            let ours = match &d.verdict {
-                Verdict::Ours {
-                    uuid: Some(u),
-                    fs_type,
-                } if u == uuid => Some(fs_type),
-                _ => None,
+        // Where the probe finds the filesystem, whatever the verdict: a disk
+        // refused for now (read-only, a foreign mount) still holds it.
+        let holders: Vec<_> = inv
+            .devices
+            .iter()
+            .zip(input.decisions)
+            .filter(|(dev, _)| {
+                ownership(dev.signatures()).and_then(|s| s.uuid.as_deref()) == Some(uuid)
+            })
+            .collect();
+        let Some((dev, d)) = holders.first() else {
+            // Not found: a positive answer only from a probe that ran.
+            return match by_identity() {
+                Some(d) if matches!(d.probe, Probe::Done { .. }) => Located::ContentChanged {
+                    device: d.name.clone(),
+                },
+                Some(d) => Located::Unknown {
+                    device: d.name.clone(),
+                },
+                None => Located::Missing,
             };
-            if let Some(fs_type) = ours {
+        };
+        let unfit = |state: &str, why: String| Located::Unfit {
+            device: dev.name.clone(),
+            state: state.to_string(),
+            why,
+        };
+        if holders.len() > 1 {
+            let all: Vec<String> = holders.iter().map(|(d, _)| d.name.clone()).collect();
+            return unfit(
+                Reason::DuplicateIdentity.as_str(),
+                format!("the filesystem is on {} at once", all.join(", ")),
+            );
+        }
+        return match &d.verdict {
+            Verdict::Ours { fs_type, .. } => {
                 let mounted = inv.mounts_of(dev).any(|m| m.mount_point == target);
-                return Located::Present(Target::Fs {
+                if let Some(f) = input
+                    .mounts
+                    .get(&target)
+                    .filter(|f| mounted && shrunk(dev, f))
+                {
+                    return unfit(
+                        "shrunk",
+                        format!(
+                            "/dev/{} ({} bytes) is smaller than its filesystem ({} bytes)",
+                            dev.name, dev.size_bytes, f.capacity_bytes
+                        ),
+                    );
+                }
+                Located::Present(Target::Fs {
                     device: dev.name.clone(),
                     devnode: dev.devnode.clone(),
                     devno: dev.devno,
@@ -131,18 +189,48 @@ pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
                         FsType::Xfs
                     },
                     mount_point: mounted.then_some(target),
-                });
+                })
             }
-        }
-        return match by_identity() {
-            Some(d) => Located::ContentChanged {
-                device: d.name.clone(),
+            Verdict::Refused { reason } => unfit(
+                reason.as_str(),
+                format!(
+                    "/dev/{} is {}{}",
+                    dev.name,
+                    reason.as_str(),
+                    d.detail
+                        .as_deref()
+                        .map(|x| format!(" ({x})"))
+                        .unwrap_or_default()
+                ),
+            ),
+            Verdict::Pending { .. } | Verdict::Eligible => Located::Unknown {
+                device: dev.name.clone(),
             },
-            None => Located::Missing,
         };
     }
     if key.starts_with("dev:") {
+        let decision = |name: &str| {
+            inv.devices
+                .iter()
+                .zip(input.decisions)
+                .find(|(d, _)| d.name == name)
+                .map(|(_, x)| &x.verdict)
+        };
         return match by_identity() {
+            // A raw volume holds whatever its pod wrote, so only a disk that
+            // cannot be written is unfit.
+            Some(d)
+                if decision(&d.name)
+                    == Some(&Verdict::Refused {
+                        reason: Reason::ReadOnly,
+                    }) =>
+            {
+                Located::Unfit {
+                    device: d.name.clone(),
+                    state: Reason::ReadOnly.as_str().to_string(),
+                    why: format!("/dev/{} is read-only", d.name),
+                }
+            }
             Some(d) => Located::Present(Target::Raw {
                 device: d.name.clone(),
                 devnode: d.devnode.clone(),
@@ -211,6 +299,33 @@ fn annotate(name: &str, k: &str, v: Option<&str>) -> Action {
     }
 }
 
+/// Identity annotations of a PV that disagree with its key (the filesystem
+/// UUID) or with the device that holds its volume, with the right values.
+fn identity_restore(
+    pv: &PersistentVolume,
+    target: &Target,
+    input: &PlanInput<'_>,
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Target::Fs { fs_uuid, devno, .. } = target {
+        if ann(pv, ANN_FS_UUID).is_some_and(|u| u != fs_uuid) {
+            out.push((ANN_FS_UUID, fs_uuid.clone()));
+        }
+        let have = input
+            .inv
+            .devices
+            .iter()
+            .find(|d| d.devno == *devno)
+            .and_then(|d| d.identity());
+        if let (Some(want), Some(have)) = (ann(pv, ANN_DEVICE_ID), have) {
+            if want != have {
+                out.push((ANN_DEVICE_ID, have));
+            }
+        }
+    }
+    out
+}
+
 /// Lifecycle actions for this node's PVs.
 pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut out = Vec::new();
@@ -230,6 +345,26 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             out.push(report(true, "UnmanagedPv", format!("{name} carries disklet's node label but no disklet.io/volume-key disklet wrote; left alone"), name));
             continue;
         }
+        // disklet derives a PV's name from its node, class and key, and a
+        // name never changes: a PV whose key or class label says otherwise
+        // was edited by hand or copied under another name. Acting on it
+        // could clean another volume; it is left alone. Checked on PVs with
+        // a local source: every PV disklet writes has one and the API never
+        // removes it (the lifecycle table tests build PVs without one, under
+        // names disklet would never give them).
+        let key = ann(pv, ANN_KEY).unwrap_or_default();
+        let class = pv
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_CLASS))
+            .map(String::as_str)
+            .unwrap_or_default();
+        let has_local = pv.spec.as_ref().is_some_and(|s| s.local.is_some());
+        if has_local && pv_name(&input.node.name, class, key) != name {
+            out.push(report(true, "UnmanagedPv", format!("{name}: its name is not the one disklet gives the volume its disklet.io/volume-key ({key}) and disklet.io/class ({class:?}) name (edited by hand, or a copy of another PV); left alone"), name));
+            continue;
+        }
         let phase = pv
             .status
             .as_ref()
@@ -243,7 +378,7 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
         let pv_node_uid = ann(pv, ANN_NODE_UID).unwrap_or_default();
         if !input.node.uid.is_empty() && !pv_node_uid.is_empty() && pv_node_uid != input.node.uid {
             match &located {
-                Located::Present(_) => {
+                Located::Present(_) | Located::Unfit { .. } => {
                     out.push(report(false, "Adopted", format!("{name} was published by an earlier Node {} (uid {pv_node_uid}); its volume is here, so this node adopts it", input.node.name), name));
                     out.push(annotate(name, ANN_NODE_UID, Some(&input.node.uid)));
                 }
@@ -254,9 +389,31 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             }
         }
 
-        let marked_missing = ann(pv, ANN_DEVICE_STATE) == Some("missing");
+        let mark = ann(pv, ANN_DEVICE_STATE);
+        let marked_missing = mark == Some("missing");
         let cleanup_started = ann(pv, ANN_CLEANUP) == Some("started");
         match (&located, phase) {
+            // Nothing is known: nothing is decided.
+            (Located::Unknown { .. }, _) => {}
+            // A pod could not use it: nothing new is scheduled onto it.
+            (Located::Unfit { device, why, .. }, "Available" | "Pending") => out.push(Action::DeletePv {
+                name: name.to_string(),
+                uid,
+                reason: "VolumeWithdrawn",
+                note: format!("{name}: {why}; withdrawn so nothing new is scheduled onto it (published again once /dev/{device} is fit)"),
+            }),
+            // A claimed one is kept, marked and never cleaned.
+            (Located::Unfit { state, why, .. }, _) => {
+                if mark != Some(state.as_str()) {
+                    let reason = match state.as_str() {
+                        "shrunk" => "DeviceShrunk",
+                        "read-only" => "DeviceReadOnly",
+                        _ => "DeviceUnfit",
+                    };
+                    out.push(report(true, reason, format!("{name} ({phase}): {why}; the PV is kept and marked, nothing on the disk is cleaned or formatted"), name));
+                    out.push(annotate(name, ANN_DEVICE_STATE, Some(state)));
+                }
+            }
             // Nothing new may be scheduled onto a volume that is not there.
             (Located::Missing, "Available" | "Pending") => out.push(Action::DeletePv {
                 name: name.to_string(),
@@ -284,11 +441,33 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
                 name,
             )),
             (Located::Present(target), _) => {
-                if marked_missing {
-                    out.push(report(false, "DeviceReturned", format!("{name}: its disk is back"), name));
+                if let Some(m) = mark {
+                    let msg = if marked_missing {
+                        format!("{name}: its disk is back")
+                    } else {
+                        format!("{name}: its disk is fit again (was {m})")
+                    };
+                    out.push(report(false, "DeviceReturned", msg, name));
                     out.push(annotate(name, ANN_DEVICE_STATE, None));
                 }
                 if phase != "Released" {
+                    continue;
+                }
+                // Server-side apply keeps the annotations of a claimed PV as
+                // disklet wrote them, but not a Released one's. A cleanup is
+                // verified against them, so they are first restored from what
+                // the name vouches for (the key) and what the disk says.
+                let restore = identity_restore(pv, target, input);
+                if !restore.is_empty() {
+                    let what: Vec<String> = restore
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {:?} -> {v}", ann(pv, k).unwrap_or_default()))
+                        .collect();
+                    out.push(report(true, "PvModified", format!("{name}: identity annotations differ from its key and its disk ({}); restored before any cleanup", what.join(", ")), name));
+                    out.push(Action::AnnotatePv {
+                        name: name.to_string(),
+                        set: restore.into_iter().map(|(k, v)| (k.to_string(), Some(v))).collect(),
+                    });
                     continue;
                 }
                 let policy = pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()).unwrap_or("Retain");
