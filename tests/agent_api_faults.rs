@@ -24,6 +24,31 @@ fn config(dir: &Path) -> String {
     )
 }
 
+/// The agent running with one disk published; the API is then the test's to
+/// break.
+struct Published {
+    agent: Agent,
+    _sweep: MountSweeper,
+    _a: Loop,
+    before: Vec<PersistentVolume>,
+    env: support::agent::Env,
+}
+
+async fn one_disk_published() -> Published {
+    let env = support::agent::env().await;
+    let _sweep = MountSweeper(env.path().to_path_buf());
+    let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
+    let _a = Loop::new(&env.path().join("disks"), "a", 320);
+    let before = env.wait_pvs(SEL, "the first PV", |p| p.len() == 1).await;
+    Published {
+        agent,
+        _sweep,
+        _a,
+        before,
+        env,
+    }
+}
+
 fn pv_deletes(reqs: &[RequestRecord]) -> usize {
     reqs.iter()
         .filter(|r| {
@@ -144,11 +169,14 @@ async fn a_burst_of_server_errors_is_ridden_out() {
     if skip_unless_root("a_burst_of_server_errors_is_ridden_out") {
         return;
     }
-    let env = support::agent::env().await;
-    let _sweep = MountSweeper(env.path().to_path_buf());
-    let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
-    let _a = Loop::new(&env.path().join("disks"), "a", 320);
-    let before = env.wait_pvs(SEL, "the first PV", |p| p.len() == 1).await;
+    // Bound in this order, dropped in reverse: the agent, the mounts, the loop.
+    let Published {
+        env,
+        _a,
+        _sweep,
+        before,
+        agent,
+    } = one_disk_published().await;
     env.server.clear_requests();
     for code in [500, 503, 504] {
         env.server
@@ -179,11 +207,14 @@ async fn retry_after_holds_every_request() {
     if skip_unless_root("retry_after_holds_every_request") {
         return;
     }
-    let env = support::agent::env().await;
-    let _sweep = MountSweeper(env.path().to_path_buf());
-    let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
-    let _a = Loop::new(&env.path().join("disks"), "a", 320);
-    let before = env.wait_pvs(SEL, "the first PV", |p| p.len() == 1).await;
+    // Bound in this order, dropped in reverse: the agent, the mounts, the loop.
+    let Published {
+        env,
+        _a,
+        _sweep,
+        before,
+        agent,
+    } = one_disk_published().await;
     env.server.clear_requests();
     // Only the agent reads Nodes: the test's own requests never meet the 429s.
     env.server.faults().inject(
@@ -229,11 +260,14 @@ async fn slow_answers_slow_it_down_and_nothing_else() {
     if skip_unless_root("slow_answers_slow_it_down_and_nothing_else") {
         return;
     }
-    let env = support::agent::env().await;
-    let _sweep = MountSweeper(env.path().to_path_buf());
-    let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
-    let _a = Loop::new(&env.path().join("disks"), "a", 320);
-    let before = env.wait_pvs(SEL, "the first PV", |p| p.len() == 1).await;
+    // Bound in this order, dropped in reverse: the agent, the mounts, the loop.
+    let Published {
+        env,
+        _a,
+        _sweep,
+        before,
+        agent,
+    } = one_disk_published().await;
     env.server.clear_requests();
     let slow = env
         .server
@@ -271,11 +305,14 @@ async fn a_sixty_second_outage() {
     if skip_unless_root("a_sixty_second_outage") {
         return;
     }
-    let env = support::agent::env().await;
-    let _sweep = MountSweeper(env.path().to_path_buf());
-    let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
-    let _a = Loop::new(&env.path().join("disks"), "a", 320);
-    let before = env.wait_pvs(SEL, "the first PV", |p| p.len() == 1).await;
+    // Bound in this order, dropped in reverse: the agent, the mounts, the loop.
+    let Published {
+        env,
+        _a,
+        _sweep,
+        before,
+        agent,
+    } = one_disk_published().await;
     let mounts_before = MountSweeper::mounts_under(&env.path().join("hostdir"));
     env.server.clear_requests();
     env.server.faults().outage(OutageKind::ServiceUnavailable);
