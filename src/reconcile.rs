@@ -443,10 +443,14 @@ impl Agent {
             Action::DeletePv {
                 name,
                 uid,
+                resource_version,
                 reason,
                 note,
             } => {
-                let r = self.kube.delete_pv(&name, &uid).await;
+                let r = self
+                    .kube
+                    .delete_pv(&name, &uid, Some(&resource_version))
+                    .await;
                 self.metrics.api("delete-pv", r.is_ok());
                 match r {
                     Ok(()) => {
@@ -461,6 +465,13 @@ impl Agent {
                                 note,
                             )
                             .await;
+                    }
+                    Err(e) if e.is_conflict() => {
+                        info!(
+                            pv = name,
+                            "PV changed since the plan saw it; not deleted, decided again"
+                        );
+                        return true;
                     }
                     Err(e) => warn!(pv = name, error = %e, "PV delete failed"),
                 }
@@ -535,7 +546,7 @@ impl Agent {
                             ms = started.elapsed().as_millis() as u64,
                             "volume cleaned"
                         );
-                        let d = self.kube.delete_pv(&pv, &uid).await;
+                        let d = self.kube.delete_pv(&pv, &uid, None).await;
                         self.metrics.api("delete-pv", d.is_ok());
                         if d.is_ok() {
                             crate::failpoint::hit("recycle-after-delete");

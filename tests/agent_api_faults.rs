@@ -389,3 +389,77 @@ async fn nothing_is_done_before_the_pvs_are_listed() {
     assert_eq!(pvs.len(), 1);
     drop(agent);
 }
+
+/// A withdrawal racing a bind: the agent decides to withdraw an Available PV
+/// whose disk is gone, and the PV is bound while that delete is on the wire
+/// (the server holds it 3 s). The delete carries the resourceVersion the plan
+/// saw, so it gets a 409 and deletes nothing; the next pass marks the now
+/// Bound PV instead (found by `tests/hostile_state.rs`: with only a uid
+/// precondition, the just-bound PV was deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_never_deletes_a_pv_bound_meanwhile() {
+    if skip_unless_root("a_withdrawal_never_deletes_a_pv_bound_meanwhile") {
+        return;
+    }
+    let Published {
+        env,
+        _a,
+        _sweep,
+        before,
+        agent,
+    } = one_disk_published().await;
+    agent.kill();
+    for m in MountSweeper::mounts_under(&env.path().join("hostdir")) {
+        nix::mount::umount(&m).unwrap();
+    }
+    drop(_a);
+    let held = FaultRule::always(FaultAction::Latency { millis: 3000 })
+        .verb(Verb::Delete)
+        .resource("persistentvolumes")
+        .times(1);
+    env.server.faults().inject(held.clone());
+    let agent = Agent::start(&env, "agent2", "node-a", &config(env.path()));
+    // A counted rule is used up when its request arrives: the delete is now
+    // being held by the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.server.faults().rules().contains(&held) {
+        assert!(std::time::Instant::now() < deadline, "no delete came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let name = before[0].metadata.name.clone().unwrap();
+    let api = env.pvs();
+    api.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"claimRef": {
+            "kind": "PersistentVolumeClaim", "namespace": "default", "name": "late", "uid": "4f1c"
+        }}})),
+    )
+    .await
+    .unwrap();
+    api.patch_status(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"status": {"phase": "Bound"}})),
+    )
+    .await
+    .unwrap();
+    agent.wait_log("PV changed since the plan saw it");
+    let pvs = env
+        .wait_pvs(SEL, "the Bound PV marked, not deleted", |p| {
+            p.len() == 1
+                && p[0]
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("disklet.io/device-state"))
+                    .is_some_and(|v| v == "missing")
+        })
+        .await;
+    assert_eq!(pvs[0].metadata.uid, before[0].metadata.uid);
+    assert_eq!(
+        pvs[0].status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Bound")
+    );
+    drop(agent);
+}

@@ -44,6 +44,11 @@ async fn bounded<T>(
 }
 
 impl KubeError {
+    /// A 409: the object changed since it was read (a precondition failed).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, KubeError::Api { source: kube::Error::Api(s), .. } if s.code == 409)
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             KubeError::Config(_) => "config",
@@ -168,15 +173,21 @@ impl Kube {
     }
 
     /// Deletes a PV, only if it still has `uid` (a PV recreated under the
-    /// same name meanwhile is not touched). Gone already is success.
-    pub async fn delete_pv(&self, name: &str, uid: &str) -> Result<(), KubeError> {
+    /// same name meanwhile is not touched) and, when given, is still at
+    /// `resource_version` (a PV bound since the plan saw it is not touched:
+    /// 409). Gone already is success.
+    pub async fn delete_pv(
+        &self,
+        name: &str,
+        uid: &str,
+        resource_version: Option<&str>,
+    ) -> Result<(), KubeError> {
         let mut dp = kube::api::DeleteParams::default();
-        if !uid.is_empty() {
-            dp.preconditions = Some(kube::api::Preconditions {
-                uid: Some(uid.to_string()),
-                resource_version: None,
-            });
-        }
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        dp.preconditions = Some(kube::api::Preconditions {
+            uid: non_empty(uid),
+            resource_version: resource_version.and_then(non_empty),
+        });
         let what = || format!("delete PersistentVolume {name}");
         bounded(what, async {
             match self.pvs.delete(name, &dp).await {

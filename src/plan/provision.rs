@@ -50,6 +50,9 @@ pub enum Action {
     DeletePv {
         name: String,
         uid: String,
+        /// The version the plan decided on: a PV changed since (bound, say)
+        /// is not deleted (409), and the next pass decides again.
+        resource_version: String,
         reason: &'static str,
         note: String,
     },
@@ -469,6 +472,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                         applies.push(Action::DeletePv {
                             name: name.clone(),
                             uid,
+                            resource_version: pv.metadata.resource_version.clone().unwrap_or_default(),
                             reason: "VolumeWithdrawn",
                             note: format!("{name}: {fields} is not what disklet publishes for this volume (edited by hand?); withdrawn so nothing is scheduled onto it, and published again as disklet writes it"),
                         });

@@ -334,6 +334,7 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             continue;
         };
         let uid = pv.metadata.uid.clone().unwrap_or_default();
+        let resource_version = pv.metadata.resource_version.clone().unwrap_or_default();
         if pv.metadata.deletion_timestamp.is_some() {
             continue;
         }
@@ -399,6 +400,7 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             (Located::Unfit { device, why, .. }, "Available" | "Pending") => out.push(Action::DeletePv {
                 name: name.to_string(),
                 uid,
+                resource_version: resource_version.clone(),
                 reason: "VolumeWithdrawn",
                 note: format!("{name}: {why}; withdrawn so nothing new is scheduled onto it (published again once /dev/{device} is fit)"),
             }),
@@ -418,6 +420,7 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             (Located::Missing, "Available" | "Pending") => out.push(Action::DeletePv {
                 name: name.to_string(),
                 uid,
+                resource_version: resource_version.clone(),
                 reason: "VolumeWithdrawn",
                 note: format!("{name}: its disk is not on the node; withdrawn so nothing new is scheduled onto it (it is published again when the same disk returns)"),
             }),
@@ -431,6 +434,7 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             (Located::ContentChanged { device }, "Released") if cleanup_started => out.push(Action::DeletePv {
                 name: name.to_string(),
                 uid,
+                resource_version: resource_version.clone(),
                 reason: "Recycled",
                 note: format!("{name}: the cleanup of /dev/{device} had finished before a restart; the old PV is deleted"),
             }),
