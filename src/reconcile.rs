@@ -477,6 +477,52 @@ impl Agent {
                 }
                 false
             }
+            Action::Readopt { pv, otherwise } => {
+                let name = pv.metadata.name.clone().unwrap_or_default();
+                let want = |p: &PersistentVolume, k: &str| {
+                    p.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(k).cloned())
+                };
+                let found = self.kube.get_pv(&name).await;
+                // The same name, key and node: ours, only out of sight.
+                let ours = found.as_ref().is_some_and(|f| {
+                    [crate::k8s::pv::ANN_KEY, crate::k8s::pv::ANN_NODE_UID]
+                        .iter()
+                        .all(|k| want(f, k).is_some() && want(f, k) == want(&pv, k))
+                });
+                if !ours {
+                    if self.due("VolumeNotClean", &otherwise) {
+                        self.kube
+                            .event(
+                                node_obj,
+                                true,
+                                "VolumeNotClean",
+                                "Reconcile",
+                                otherwise.clone(),
+                            )
+                            .await;
+                        warn!(reason = "VolumeNotClean", "{otherwise}");
+                    }
+                    return false;
+                }
+                let applied = self.kube.apply_pv(&pv).await;
+                self.metrics.api("apply-pv", applied.is_ok());
+                match applied {
+                    Ok(applied) => {
+                        let note = format!("{name} had lost disklet's labels (edited by hand?), so this node no longer saw it; labels restored");
+                        warn!(pv = name, "{note}");
+                        self.kube
+                            .event(&applied, true, "PvModified", "Publish", note)
+                            .await;
+                    }
+                    Err(e) => {
+                        warn!(pv = name, error = %e, "cannot restore the labels of a PV of this node")
+                    }
+                }
+                false
+            }
             Action::AnnotatePv { name, set } => {
                 let r = self.kube.annotate_pv(&name, &set).await;
                 self.metrics.api("annotate-pv", r.is_ok());

@@ -541,11 +541,11 @@ async fn a_bound_pv_edited_by_hand_is_kept_and_its_cleanup_touches_only_disklets
 /// (1c) disklet's node label removed from an Available and a Bound PV: the
 /// agent's watch no longer sees them. Catches: a second PV for the same
 /// volume; an Available PV lost for good; a Bound PV deleted or its data
-/// touched; a volume that never comes back under disklet's care once
-/// labelled again.
+/// touched, or left out of sight (its release never recycled, its vanished
+/// disk never marked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pvs_whose_labels_were_removed_are_never_duplicated() {
-    if skip_unless_root("pvs_whose_labels_were_removed_are_never_duplicated") {
+async fn pvs_whose_labels_were_removed_are_labelled_again_never_duplicated() {
+    if skip_unless_root("pvs_whose_labels_were_removed_are_labelled_again_never_duplicated") {
         return;
     }
     let (env, _sweep, _binder) = setup().await;
@@ -557,14 +557,17 @@ async fn pvs_whose_labels_were_removed_are_never_duplicated() {
     user_patch(&env, &name_of(&av), unlabel.clone()).await;
     user_patch(&env, &name_of(&bound), unlabel.clone()).await;
 
-    // The Available one: disklet re-applies its PV (same name, so the same
-    // object): the labels are back, same uid.
+    // Both are re-applied (same name, so the same object): the labels are
+    // back, same uids. The Bound one holds data, so it is looked up by its
+    // name before anything is reported or created.
     let pvs = env
-        .wait_pvs(SEL, "the Available PV labelled again", |p| {
+        .wait_pvs(SEL, "both PVs labelled again", |p| {
             p.iter().any(|pv| name_of(pv) == name_of(&av))
+                && p.iter().any(|pv| name_of(pv) == name_of(&bound))
         })
         .await;
     assert_eq!(uid_of(pv_of(&pvs, &al)), uid_of(&av));
+    wait_event(&env, "Warning", "PvModified", &name_of(&bound)).await;
     passes(&agent).await;
     assert_one_pv_per_volume(&env, &[]).await;
     // The Bound one: never deleted, never duplicated, data untouched.
@@ -577,15 +580,8 @@ async fn pvs_whose_labels_were_removed_are_never_duplicated() {
     );
     assert_eq!(blkid(bl.path(), "UUID"), ann(&bound, FS_UUID).unwrap());
 
-    // Released while out of the agent's sight, then labelled again by hand:
-    // back under disklet's care, recycled, one fresh PV.
+    // Released: under disklet's care again, recycled, one fresh PV.
     release(&env, "c1", &now).await;
-    user_patch(
-        &env,
-        &name_of(&bound),
-        json!({"metadata": {"labels": {"disklet.io/node": "node-a", "disklet.io/class": "fast"}}}),
-    )
-    .await;
     let pvs = env
         .wait_pvs(SEL, "the released volume recycled", |p| {
             p.len() == 2

@@ -192,6 +192,8 @@ fn kinds(a: &[Action]) -> Vec<&'static str> {
             Action::AnnotatePv { .. } => "annotate-pv",
             Action::Recycle { .. } => "recycle",
             Action::Wait { .. } => "wait",
+            // Re-apply only a PV that exists (labels removed), else VolumeNotClean.
+            Action::Readopt { .. } => "readopt",
         })
         .collect()
 }
@@ -259,9 +261,13 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
     );
     assert_eq!(
         kinds(&w.plan()),
-        ["VolumeNotClean"],
+        ["readopt"],
         "data with no PV naming it is never offered to a new claim"
     );
+    let Some(Action::Readopt { otherwise, .. }) = w.plan().into_iter().next() else {
+        unreachable!()
+    };
+    assert!(otherwise.contains("holds data"), "{otherwise}");
     w.mounts.insert(
         target.into(),
         MountFact {

@@ -56,6 +56,14 @@ pub enum Action {
         reason: &'static str,
         note: String,
     },
+    /// A volume with data and no PV in this node's (label-scoped) view: if
+    /// the PV of that name exists after all (its labels were removed by
+    /// hand), apply it to restore them; otherwise report `otherwise`
+    /// (`VolumeNotClean`) and create nothing.
+    Readopt {
+        pv: Box<PersistentVolume>,
+        otherwise: String,
+    },
     /// Set (Some) or remove (None) annotations on one of our PVs.
     AnnotatePv {
         name: String,
@@ -445,7 +453,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         let name = desired.metadata.name.clone().unwrap_or_default();
         match existing.get(name.as_str()) {
             None => match v.create_blocked {
-                Some(why) => actions.push(report(true, "VolumeNotClean", why)),
+                Some(why) => actions.push(Action::Readopt {
+                    pv: Box::new(desired),
+                    otherwise: why,
+                }),
                 None => applies.push(Action::ApplyPv {
                     pv: Box::new(desired),
                     create: true,
