@@ -902,3 +902,68 @@ async fn disks_that_turn_read_only_under_their_mounts() {
     assert_one_pv_per_volume(&env, &[]).await;
     drop(agent);
 }
+
+/// An xfs that shuts down under its mounts (`xfs_io -x -c shutdown`, as the
+/// kernel does on a metadata I/O error): reading it fails while `statvfs`
+/// still answers. The Available PV is withdrawn and the Bound one marked
+/// `io-error`, nothing is formatted, and once the admin unmounts the failed
+/// filesystem, disklet mounts it again (log recovery) and publishes it under
+/// the same name. Catches: a dead filesystem left offered to new claims (the
+/// plan retried `mkdir vol` on it every pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_that_shuts_down_is_withdrawn_and_comes_back_after_a_remount() {
+    if skip_unless_root("a_filesystem_that_shuts_down_is_withdrawn_and_comes_back_after_a_remount")
+    {
+        return;
+    }
+    if !have("xfs_io") {
+        eprintln!("SKIPPED a_filesystem_that_shuts_down…: xfs_io (xfsprogs) not installed");
+        return;
+    }
+    let (env, _sweep, _binder) = setup().await;
+    let agent = Agent::start(&env, "agent", "node-a", &config(env.path(), 0));
+    let (bl, bound, al, av) = one_bound_one_available(&env, &agent, "c1").await;
+    let formatted = formats(&agent);
+    let mount_of = |pv: &PersistentVolume| path_of(pv).parent().unwrap().to_path_buf();
+    for pv in [&bound, &av] {
+        sh(&[
+            "xfs_io",
+            "-x",
+            "-c",
+            "shutdown",
+            mount_of(pv).to_str().unwrap(),
+        ]);
+    }
+    let pvs = env
+        .wait_pvs(
+            SEL,
+            "the Available PV withdrawn, the Bound one marked",
+            |p| p.len() == 1 && ann(&p[0], STATE) == Some("io-error"),
+        )
+        .await;
+    assert_eq!(
+        uid_of(&pvs[0]),
+        uid_of(&bound),
+        "a Bound PV is never deleted"
+    );
+    wait_event(&env, "Warning", "VolumeIoError", &name_of(&bound)).await;
+    assert_eq!(agent.get("/healthz").0, 200, "alive");
+    assert_eq!(formats(&agent), formatted, "nothing formatted");
+
+    // The admin unmounts the failed filesystem of the unclaimed volume.
+    nix::mount::umount(&mount_of(&av)).unwrap();
+    let pvs = env
+        .wait_pvs(SEL, "the unclaimed volume published again", |p| {
+            p.iter().any(|pv| name_of(pv) == name_of(&av))
+        })
+        .await;
+    assert_eq!(formats(&agent), formatted, "remounted, not formatted");
+    assert_eq!(blkid(al.path(), "UUID"), ann(&av, FS_UUID).unwrap());
+    assert!(
+        std::fs::read_dir(path_of(pv_of(&pvs, &al))).is_ok(),
+        "readable again"
+    );
+    assert_eq!(blkid(bl.path(), "UUID"), ann(&bound, FS_UUID).unwrap());
+    assert_one_pv_per_volume(&env, &[]).await;
+    drop(agent);
+}

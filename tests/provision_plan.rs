@@ -247,6 +247,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
             vol_dir: false,
             capacity_bytes: 5,
             vol_empty: false,
+            io_error: None,
         },
     );
     assert_eq!(kinds(&w.plan()), ["vol-dir"]);
@@ -257,6 +258,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
             vol_dir: true,
             capacity_bytes: 99 << 30,
             vol_empty: false,
+            io_error: None,
         },
     );
     assert_eq!(
@@ -274,6 +276,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
             vol_dir: true,
             capacity_bytes: 99 << 30,
             vol_empty: true,
+            io_error: None,
         },
     );
     let a = w.plan();
@@ -570,6 +573,7 @@ fn published(phase: &str) -> (World, PersistentVolume) {
             vol_dir: true,
             capacity_bytes: 99 << 30,
             vol_empty: true,
+            io_error: None,
         },
     );
     let Some(Action::ApplyPv { pv, .. }) = w.plan().pop() else {

@@ -13,12 +13,33 @@ pub fn fs_capacity(path: &Path) -> Option<u64> {
 /// Facts for a mount point disklet made.
 pub fn mount_fact(mount_point: &Path) -> MountFact {
     let vol = crate::plan::provision::vol_dir(mount_point);
+    // A missing `vol` is normal (not made yet); any other error reading the
+    // mount point or `vol` is the filesystem failing.
+    let failing = |e: std::io::Error, at: &Path| {
+        (e.kind() != std::io::ErrorKind::NotFound).then(|| format!("{}: {e}", at.display()))
+    };
+    let mut io_error = std::fs::read_dir(mount_point)
+        .err()
+        .and_then(|e| failing(e, mount_point));
+    let vol_empty = match std::fs::read_dir(&vol) {
+        Ok(mut d) => match d.next() {
+            None => true,
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                io_error = io_error.or_else(|| failing(e, &vol));
+                false
+            }
+        },
+        Err(e) => {
+            io_error = io_error.or_else(|| failing(e, &vol));
+            false
+        }
+    };
     MountFact {
         vol_dir: vol.is_dir(),
         capacity_bytes: fs_capacity(mount_point).unwrap_or(0),
-        vol_empty: std::fs::read_dir(&vol)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false),
+        vol_empty,
+        io_error,
     }
 }
 

@@ -76,6 +76,10 @@ pub struct MountFact {
     pub capacity_bytes: u64,
     /// `<mount>/vol` holds nothing: a new PV may be created for it.
     pub vol_empty: bool,
+    /// The filesystem answers with errors (an xfs that shut down, a disk
+    /// failing under it): nothing is published on it, and its PV is
+    /// withdrawn (Available) or marked (claimed).
+    pub io_error: Option<String>,
 }
 
 /// An entry of a discovery dir.

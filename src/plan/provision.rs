@@ -308,6 +308,20 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     continue;
                 }
                 match input.mounts.get(&target) {
+                    // A failing filesystem: nothing is made or published on
+                    // it; the lifecycle plan withdraws or marks its PV.
+                    Some(f) if f.io_error.is_some() => {
+                        actions.push(report(
+                            true,
+                            "VolumeIoError",
+                            format!(
+                                "the filesystem of {} at {} fails: {}; not publishing it (unmount it, check it with xfs_repair or e2fsck, and disklet mounts it again)",
+                                dev.devnode.display(),
+                                target.display(),
+                                f.io_error.as_deref().unwrap_or_default()
+                            ),
+                        ));
+                    }
                     // Never offered to a new claim; the lifecycle plan
                     // withdraws or marks its PV.
                     Some(f) if shrunk(dev, f) => {

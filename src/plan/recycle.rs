@@ -165,6 +165,17 @@ pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
         return match &d.verdict {
             Verdict::Ours { fs_type, .. } => {
                 let mounted = inv.mounts_of(dev).any(|m| m.mount_point == target);
+                if let Some(e) = input
+                    .mounts
+                    .get(&target)
+                    .filter(|_| mounted)
+                    .and_then(|f| f.io_error.as_deref())
+                {
+                    return unfit(
+                        "io-error",
+                        format!("the filesystem of /dev/{} fails ({e})", dev.name),
+                    );
+                }
                 if let Some(f) = input
                     .mounts
                     .get(&target)
@@ -410,6 +421,7 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
                     let reason = match state.as_str() {
                         "shrunk" => "DeviceShrunk",
                         "read-only" => "DeviceReadOnly",
+                        "io-error" => "VolumeIoError",
                         _ => "DeviceUnfit",
                     };
                     out.push(report(true, reason, format!("{name} ({phase}): {why}; the PV is kept and marked, nothing on the disk is cleaned or formatted"), name));
