@@ -207,9 +207,9 @@ pub struct Selector {
     /// Device kinds accepted; `disk` only by default.
     #[serde(default = "default_types")]
     pub types: Vec<DeviceKind>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "quantity_or_null")]
     pub min_size: Option<Quantity>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "quantity_or_null")]
     pub max_size: Option<Quantity>,
     #[serde(default)]
     pub rotational: Option<bool>,
@@ -243,6 +243,41 @@ impl Default for Selector {
 
 fn default_types() -> Vec<DeviceKind> {
     vec![DeviceKind::Disk]
+}
+
+/// A size: a whole number of bytes or a quantity string (`500Gi`); `null`
+/// means unset. Anything else (a negative or fractional number, a list) gets
+/// one message that says what to write, not serde's "no variant matched".
+fn quantity_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Quantity>, D::Error> {
+    use serde::de::Error;
+    const HINT: &str =
+        "write a whole number of bytes, or one with a suffix: Ki Mi Gi Ti Pi Ei or k M G T P E, e.g. 500Gi";
+    match serde_yaml::Value::deserialize(d)? {
+        serde_yaml::Value::Null => Ok(None),
+        serde_yaml::Value::Number(n) => match n.as_u64() {
+            Some(b) => Ok(Some(Quantity(b))),
+            None => Err(D::Error::custom(format!(
+                "invalid size {n}: not a whole number of bytes ({HINT})"
+            ))),
+        },
+        serde_yaml::Value::String(s) => s.parse().map(Some).map_err(D::Error::custom),
+        other => Err(D::Error::custom(format!(
+            "invalid size: {} ({HINT})",
+            yaml_kind(&other)
+        ))),
+    }
+}
+
+fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
+    match v {
+        serde_yaml::Value::Null => "no value",
+        serde_yaml::Value::Bool(_) => "a boolean",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a mapping",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    }
 }
 
 /// One thing wrong with the configuration.
@@ -299,23 +334,46 @@ impl Config {
         let cfg: Config = match serde_path_to_error::deserialize(de) {
             Ok(c) => c,
             Err(e) => {
-                let key = match e.path().to_string() {
+                let mut key = match e.path().to_string() {
                     p if p == "." || p.is_empty() => "(top level)".to_string(),
+                    // Not even a YAML document: the line and column say where.
+                    p if p == "?" => "(yaml syntax)".to_string(),
                     p => p,
                 };
-                let inner = e.into_inner();
-                let mut message = inner.to_string();
-                let mut key = key;
-                if let Some(at) = message.find("unknown field `") {
-                    // serde_yaml repeats its own path before the message.
-                    message.replace_range(..at, "");
+                let mut message = plain_message(&e.into_inner().to_string());
+                // A list or mapping where a plain word is expected: serde_yaml
+                // asks for a YAML tag; name the words instead.
+                if let Some(words) = message
+                    .contains("expected a YAML tag")
+                    .then(|| enum_words(&key))
+                    .flatten()
+                {
+                    message = message.replace(
+                        "expected a YAML tag starting with '!'",
+                        &format!("expected {words}"),
+                    );
                 }
-                if let Some((field, hint)) = unknown_field_hint(&message) {
+                let mut field_key = |field: &str| {
                     if key == "(top level)" {
-                        key = field;
+                        key = field.to_string();
                     } else if key != field && !key.ends_with(&format!(".{field}")) {
                         key = format!("{key}.{field}");
                     }
+                };
+                let named = |prefix: &str| {
+                    message
+                        .strip_prefix(prefix)
+                        .and_then(|r| r.split_once('`'))
+                        .map(|(f, _)| f.to_string())
+                };
+                if let Some(field) = named("duplicate field `") {
+                    field_key(&field);
+                    message.push_str("; give each key once");
+                } else if let Some(field) = named("missing field `") {
+                    field_key(&field);
+                    message.push_str("; it is required");
+                } else if let Some((field, hint)) = unknown_field_hint(&message) {
+                    field_key(&field);
                     if let Some(hint) = hint {
                         message.push_str(&format!("; did you mean `{hint}`?"));
                     }
@@ -342,8 +400,10 @@ impl Config {
             if !p.is_absolute() {
                 bad(
                     key.into(),
-                    format!("{} is not an absolute path", p.display()),
+                    format!("{} is not an absolute path; write it from /", p.display()),
                 );
+            } else if has_dotdot(p) {
+                bad(key.into(), format!("{} contains `..`; write the path without it (disklet compares paths as written)", p.display()));
             }
         }
         if self.resync_seconds == 0 || self.resync_seconds > 86400 {
@@ -353,10 +413,15 @@ impl Config {
             );
         }
         for (i, k) in self.topology_keys.iter().enumerate() {
-            if k.is_empty() || k.contains(char::is_whitespace) {
+            if let Err(why) = label_key(k) {
                 bad(
                     format!("topologyKeys[{i}]"),
-                    format!("{k:?} is not a label key"),
+                    format!("{k:?} is not a label key: {why} (e.g. topology.kubernetes.io/zone)"),
+                );
+            } else if self.topology_keys[..i].contains(k) {
+                bad(
+                    format!("topologyKeys[{i}]"),
+                    format!("{k:?} is listed twice; give each key once"),
                 );
             }
         }
@@ -370,6 +435,7 @@ impl Config {
             );
         }
         let mut names = BTreeSet::new();
+        let mut dirs_seen: Vec<(String, PathBuf)> = Vec::new();
         for (i, c) in self.classes.iter().enumerate() {
             let k = |field: &str| format!("classes[{i}].{field}");
             if let Err(why) = dns1123_label(&c.name) {
@@ -412,10 +478,21 @@ impl Config {
                 );
             }
             for (j, g) in s.backing_files.iter().enumerate() {
+                let first = g.trim_start_matches('/').split('/').next().unwrap_or("");
                 if !g.starts_with('/') {
                     bad(
                         k(&format!("selector.backingFiles[{j}]")),
-                        format!("{g:?} must be an absolute path glob"),
+                        format!("{g:?} must be an absolute path glob, e.g. /var/lib/disklet-images/*.img"),
+                    );
+                } else if first.is_empty() || first.contains(GLOB_CHARS) {
+                    bad(
+                        k(&format!("selector.backingFiles[{j}]")),
+                        format!("{g:?} lets any loop device on the host match; start it with the directory that holds your images, e.g. /var/lib/disklet-images/*.img"),
+                    );
+                } else if dot_component(g) {
+                    bad(
+                        k(&format!("selector.backingFiles[{j}]")),
+                        format!("{g:?} contains a `.` or `..` component and never matches (the kernel reports canonical paths); write the path without it"),
                     );
                 } else if let Err(e) = globset::Glob::new(g) {
                     bad(
@@ -431,9 +508,23 @@ impl Config {
                 );
             }
             for (j, o) in c.mount_options.iter().enumerate() {
-                if o == "nouuid" || o == "ro" {
-                    bad(k(&format!("mountOptions[{j}]")), format!("{o:?} is not allowed (nouuid disables xfs's duplicate-UUID guard; ro volumes cannot be used)"));
+                // mount(2) takes one comma-separated string: every part counts.
+                let parts: Vec<&str> = o.split(',').collect();
+                if parts.iter().any(|p| p.is_empty()) {
+                    bad(k(&format!("mountOptions[{j}]")), format!("{o:?} holds an empty option; write one option per entry, e.g. [noatime, nodiscard]"));
+                } else if o.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    bad(k(&format!("mountOptions[{j}]")), format!("{o:?} contains whitespace or a control character; write one option per entry, e.g. [noatime, nodiscard]"));
+                } else if let Some(p) = parts.iter().find(|p| **p == "nouuid" || **p == "ro") {
+                    bad(k(&format!("mountOptions[{j}]")), format!("{p:?} is not allowed (nouuid disables xfs's duplicate-UUID guard; ro volumes cannot be used); remove it"));
                 }
+            }
+            if !c.mount_options.is_empty()
+                && (c.volume_mode == VolumeMode::Block || c.publish_fs_type)
+            {
+                bad(
+                    k("mountOptions"),
+                    "only applies when disklet mounts the disks (volumeMode: Filesystem without publishFsType); kubelet's own mount takes the StorageClass's mountOptions: remove it here".into(),
+                );
             }
             for (j, g) in s.paths.iter().enumerate() {
                 let last = g.rsplit('/').next().unwrap_or("");
@@ -445,6 +536,8 @@ impl Config {
                 }
                 if !g.starts_with("/dev/") {
                     bad(k(&format!("selector.paths[{j}]")), format!("{g:?} must start with /dev/ (globs match device nodes and their /dev/disk/by-* links)"));
+                } else if dot_component(g) {
+                    bad(k(&format!("selector.paths[{j}]")), format!("{g:?} contains a `.` or `..` component and never matches; write the path without it"));
                 } else if let Err(e) = globset::Glob::new(g) {
                     bad(
                         k(&format!("selector.paths[{j}]")),
@@ -454,9 +547,16 @@ impl Config {
             }
             for (key, g) in &s.udev {
                 if key.is_empty() {
-                    bad(k("selector.udev"), "empty property name".into());
+                    bad(
+                        k("selector.udev"),
+                        "empty property name; write the udev property, e.g. DISKLET_CLASS".into(),
+                    );
+                } else if key.contains(|c: char| c == '=' || c.is_whitespace() || c.is_control()) {
+                    bad(k(&format!("selector.udev.{key}")), format!("{key:?} is not a udev property name (no '=', whitespace or control characters); e.g. DISKLET_CLASS"));
                 }
-                if let Err(e) = globset::Glob::new(g) {
+                if g.is_empty() {
+                    bad(k(&format!("selector.udev.{key}")), "an empty glob matches only a property set to nothing; write the value to match, or \"*\" for any".into());
+                } else if let Err(e) = globset::Glob::new(g) {
                     bad(
                         k(&format!("selector.udev.{key}")),
                         format!("bad glob {g:?}: {e}"),
@@ -478,16 +578,39 @@ impl Config {
                 }
             }
             for (j, d) in c.discovery_dirs.iter().enumerate() {
+                let here = k(&format!("discoveryDirs[{j}]"));
                 if !d.is_absolute() {
                     bad(
-                        k(&format!("discoveryDirs[{j}]")),
-                        format!("{} is not an absolute path", d.display()),
+                        here,
+                        format!("{} is not an absolute path; write it from /", d.display()),
+                    );
+                    continue;
+                }
+                if has_dotdot(d) {
+                    bad(
+                        here.clone(),
+                        format!("{} contains `..`; write the path without it", d.display()),
+                    );
+                } else if let Some(other) = dirs_seen
+                    .iter()
+                    .find(|(_, o)| d.starts_with(o) || o.starts_with(d))
+                {
+                    bad(
+                        here.clone(),
+                        format!("{} overlaps {} {}: one volume would be published twice; list each directory once, in one class", d.display(), other.0, other.1.display()),
+                    );
+                }
+                dirs_seen.push((here.clone(), d.clone()));
+                if d.starts_with(&self.kubelet_dir) || self.kubelet_dir.starts_with(d) {
+                    bad(
+                        here,
+                        format!("{} overlaps kubeletDir {}: kubelet's own mounts would be published; use a directory of its own, e.g. /mnt/disks", d.display(), self.kubelet_dir.display()),
                     );
                 } else if d.starts_with(&self.host_dir) || self.host_dir.starts_with(d) {
                     bad(
                         k(&format!("discoveryDirs[{j}]")),
                         format!(
-                            "{} overlaps hostDir {}: a volume would be published twice",
+                            "{} overlaps hostDir {}: a volume would be published twice; use a directory of its own, e.g. /mnt/disks",
                             d.display(),
                             self.host_dir.display()
                         ),
@@ -497,6 +620,93 @@ impl Config {
         }
         out
     }
+}
+
+/// The words an enum key accepts, as serde lists them (`` `xfs` or `ext4` ``).
+fn enum_words(key: &str) -> Option<String> {
+    fn words<T: serde::de::DeserializeOwned>() -> Option<String> {
+        let e = serde_yaml::from_str::<T>("\"\"").err()?.to_string();
+        let at = e.find("expected ")? + "expected ".len();
+        let end = e
+            .rfind(" at line")
+            .filter(|end| *end > at)
+            .unwrap_or(e.len());
+        Some(e[at..end].to_string())
+    }
+    let last = key.rsplit('.').next()?;
+    let last = last.split('[').next()?;
+    match last {
+        "volumeMode" => words::<VolumeMode>(),
+        "fsType" => words::<FsType>(),
+        "blankCheck" => words::<BlankCheck>(),
+        "cleanup" => words::<CleanupMethod>(),
+        "types" => words::<DeviceKind>(),
+        _ => None,
+    }
+}
+
+/// Characters that make a glob component match more than one name.
+const GLOB_CHARS: &[char] = &['*', '?', '[', ']', '{', '}', '!'];
+
+fn has_dotdot(p: &Path) -> bool {
+    p.components().any(|c| c == std::path::Component::ParentDir)
+}
+
+/// A glob with a `.` or `..` component: never matches a canonical path.
+fn dot_component(g: &str) -> bool {
+    g.split('/').any(|c| c == "." || c == "..")
+}
+
+/// A Kubernetes label key: `[prefix/]name`, prefix a DNS subdomain, name at
+/// most 63 characters of alphanumerics, `-`, `_`, `.`, alphanumeric at both ends.
+fn label_key(k: &str) -> Result<(), &'static str> {
+    let parts: Vec<&str> = k.split('/').collect();
+    let name = match parts.as_slice() {
+        [name] => name,
+        [prefix, name] => {
+            dns1123_subdomain(prefix)
+                .map_err(|_| "the prefix before '/' must be a lowercase DNS subdomain")?;
+            name
+        }
+        _ => return Err("at most one '/'"),
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err("the name must be 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    }
+}
+
+/// serde_yaml's message without the path it repeats in front (which, for a
+/// value refused by a custom deserializer, names the enclosing mapping rather
+/// than the key: the key comes from `serde_path_to_error` instead), and with
+/// Rust type names replaced by what to write.
+fn plain_message(raw: &str) -> String {
+    let mut m = raw;
+    if let Some((head, rest)) = raw.split_once(": ") {
+        let pathlike = !head.is_empty()
+            && head
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.[]-".contains(c));
+        if pathlike {
+            m = rest;
+        }
+    }
+    if let Some(at) = m.find("unknown field `") {
+        m = &m[at..];
+    }
+    m.replace("unit value", "no value")
+        .replace("expected u64", "expected a whole number")
+        .replace("expected a sequence", "expected a list, e.g. [a, b]")
+        .replace("expected a map", "expected a mapping of key: value")
+        .replace("expected a boolean", "expected true or false")
 }
 
 /// For an "unknown field `x`, expected one of `a`, `b`" message: the unknown
@@ -710,6 +920,37 @@ classes:
             keys("classes: [{name: a, discoveryDirs: [/var/lib/disklet/x]}]"),
             ["classes[0].discoveryDirs[0]"]
         );
+    }
+
+    /// Catches: the guards being bypassed by a second spelling (an option
+    /// inside a comma list, one directory in two classes, a glob from `/`).
+    #[test]
+    fn guards_hold_against_other_spellings() {
+        let keys = |t: &str| problems(t).into_iter().map(|p| p.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys("classes: [{name: a, mountOptions: ['noatime,nouuid'], selector: {paths: [/dev/sdb]}}]"),
+            ["classes[0].mountOptions[0]"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, discoveryDirs: [/mnt/d]}, {name: b, discoveryDirs: [/mnt/d/x]}]"),
+            ["classes[1].discoveryDirs[0]"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, selector: {backingFiles: ['/*'], types: [loop]}}]"),
+            ["classes[0].selector.backingFiles[0]"]
+        );
+        assert_eq!(
+            keys("hostDir: /var/lib/disklet/../kubelet/x\nclasses: []"),
+            ["hostDir"]
+        );
+        assert_eq!(
+            keys("classes: [{name: a, discoveryDirs: [/var/lib/kubelet/pods]}]"),
+            ["classes[0].discoveryDirs[0]"]
+        );
+        let p = problems("classes: [{name: a, selector: {paths: [/dev/sdb], minSize: -1}}]");
+        assert_eq!(p[0].key, "classes[0].selector.minSize");
+        assert!(p[0].message.contains("500Gi"), "{}", p[0].message);
+        assert!(!p[0].message.starts_with("classes"), "{}", p[0].message);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::host::{BlockDevices, HostError, HostTables, Prober};
-use crate::model::{format_bytes, Device, Inventory, Signature, UdevState};
+use crate::model::{format_bytes, Device, DirEntryKind, Inventory, Signature, UdevState};
 use crate::plan::{evaluate, Classes, Decision, NodeFacts, PendingReason, Verdict};
 
 /// One device in the report. The JSON field names are a stable interface.
@@ -32,23 +32,23 @@ pub struct Row {
     pub signatures: Vec<Signature>,
     /// Why the contents could not be probed, if they could not.
     pub probe_error: Option<String>,
-    /// `not-running`, `not-processed` or `processed`.
+    /// `not-running`, `not-processed` or `processed`; `not-applicable` for
+    /// discovery-dir rows.
     pub udev: &'static str,
 }
 
 impl Row {
     fn new(d: &Device, decision: &Decision) -> Row {
+        // sysfs first; udev fills in what sysfs lacks (loop, virtio, USB bridges).
+        let prop = |k: &str| d.udev_properties().and_then(|p| p.get(k).cloned());
         Row {
             device: d.devnode.clone(),
             name: d.name.clone(),
             kind: d.kind.as_str().into(),
             size_bytes: d.size_bytes,
-            model: d.model.clone(),
-            serial: d.serial.clone().or_else(|| {
-                d.udev_properties()
-                    .and_then(|p| p.get("ID_SERIAL").cloned())
-            }),
-            wwid: d.wwid.clone(),
+            model: d.model.clone().or_else(|| prop("ID_MODEL")),
+            serial: d.serial.clone().or_else(|| prop("ID_SERIAL")),
+            wwid: d.wwid.clone().or_else(|| prop("ID_WWN")),
             identity: d.identity(),
             links: d.links.clone(),
             class: decision.class.clone(),
@@ -66,6 +66,47 @@ impl Row {
                 UdevState::NotProcessed => "not-processed",
                 UdevState::Processed { .. } => "processed",
             },
+        }
+    }
+}
+
+impl Row {
+    fn dir(
+        path: PathBuf,
+        kind: &str,
+        class: &str,
+        size_bytes: u64,
+        refusal: Option<(&'static str, String)>,
+    ) -> Row {
+        let (verdict, reason, detail) = match refusal {
+            None => (
+                "eligible",
+                None,
+                Some("published as is, never formatted".to_string()),
+            ),
+            Some((code, detail)) => ("refused", Some(code), Some(detail)),
+        };
+        Row {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            identity: Some(format!("dir:{}", path.to_string_lossy())),
+            device: path,
+            kind: kind.into(),
+            size_bytes,
+            model: None,
+            serial: None,
+            wwid: None,
+            links: Vec::new(),
+            class: Some(class.to_string()),
+            verdict,
+            reason,
+            detail,
+            signature: None,
+            signatures: Vec::new(),
+            probe_error: None,
+            udev: "not-applicable",
         }
     }
 }
@@ -164,12 +205,54 @@ pub fn scan(
 ) -> Result<Vec<Row>, HostError> {
     let mut inv = observe(devices, prober, tables)?;
     let decisions = decide_all(&mut inv, cfg, classes, prober);
-    Ok(inv
+    let mut rows: Vec<Row> = inv
         .devices
         .iter()
         .zip(&decisions)
         .map(|(d, dec)| Row::new(d, dec))
-        .collect())
+        .collect();
+    rows.extend(dir_rows(cfg, &inv));
+    Ok(rows)
+}
+
+/// One row per discovery-dir entry (type `dir-entry`): `eligible` when it is
+/// published as is, else `refused` with a reason; and one per discovery dir
+/// that cannot be read (type `dir`).
+pub fn dir_rows(cfg: &Config, inv: &Inventory) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for c in &cfg.classes {
+        for dir in &c.discovery_dirs {
+            if let Err(e) = std::fs::read_dir(dir) {
+                rows.push(Row::dir(
+                    dir.clone(),
+                    "dir",
+                    &c.name,
+                    0,
+                    Some((
+                        "unreadable-dir",
+                        format!("{e}; create it or fix discoveryDirs"),
+                    )),
+                ));
+                continue;
+            }
+            for e in crate::host::dirs::inspect_dir(&c.name, Some(c.volume_mode), dir, &inv.mounts)
+            {
+                let size = match &e.entry.kind {
+                    DirEntryKind::MountPoint { capacity_bytes, .. } => *capacity_bytes,
+                    DirEntryKind::BlockLink { size_bytes, .. } => *size_bytes,
+                    DirEntryKind::Other => 0,
+                };
+                rows.push(Row::dir(
+                    e.entry.path,
+                    "dir-entry",
+                    &c.name,
+                    size,
+                    e.refusal,
+                ));
+            }
+        }
+    }
+    rows
 }
 
 /// The table an admin reads before rolling out.

@@ -19,6 +19,11 @@ pub struct UdevRecord {
 }
 
 /// Parses a database file: `S:` symlinks (relative to /dev), `E:` properties.
+///
+/// udevd writes values as they are, one `E:KEY=value` line each: a value
+/// with a newline (a rule's `e"x\ny"`) is cut at the newline, here as in
+/// udevd's own reading (`udevadm info` shows `x`), and the rest of it is no
+/// property. Bytes that are not UTF-8 read as U+FFFD.
 pub fn parse_record(text: &str) -> UdevRecord {
     let mut r = UdevRecord::default();
     for line in text.lines() {
@@ -75,7 +80,12 @@ impl UdevDb {
             .run_dir
             .join("data")
             .join(format!("b{}:{}", devno.major, devno.minor));
-        std::fs::read_to_string(p).ok().map(|t| parse_record(&t))
+        // Not read_to_string: one property that is not UTF-8 (a device's odd
+        // serial, a rule's `e"\xff"`) must not make the whole record, and
+        // with it the device, look unprocessed forever.
+        std::fs::read(p)
+            .ok()
+            .map(|b| parse_record(&String::from_utf8_lossy(&b)))
     }
 }
 
@@ -115,6 +125,27 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
         assert!(!db.active(), "stale socket");
+    }
+
+    /// Catches: a record holding one non-UTF-8 byte read as no record, which
+    /// left its device pending (`udev-not-processed`) forever.
+    #[test]
+    fn a_record_with_bytes_that_are_not_utf8_still_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = UdevDb {
+            run_dir: dir.path().to_path_buf(),
+        };
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(
+            dir.path().join("data/b7:1"),
+            b"E:ID_SERIAL=\xff\xfe\nE:ID_WWN=x\ny\nE:ID_MODEL=a b\n",
+        )
+        .unwrap();
+        let r = db.record(DevNo::new(7, 1)).unwrap();
+        assert_eq!(r.properties["ID_SERIAL"], "\u{fffd}\u{fffd}");
+        assert_eq!(r.properties["ID_WWN"], "x", "a newline ends a value");
+        assert_eq!(r.properties["ID_MODEL"], "a b");
+        assert_eq!(r.properties.len(), 3);
     }
 
     #[test]
