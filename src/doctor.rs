@@ -80,7 +80,7 @@ pub fn host(cfg: &Config, udev: &UdevDb) -> Vec<Check> {
             format!("mount the host's {} into the pod read-only (and hostNetwork for udev events), or select disks by device node", udev.run_dir.display()),
         )
     });
-    match std::fs::read_to_string(&cfg.mount_info) {
+    match crate::host::mountinfo::read_lossy(&cfg.mount_info) {
         Err(e) => out.push(check(
             Level::Fail,
             "mount table",

@@ -794,11 +794,10 @@ async fn odd_discovery_entry_names_are_published_exactly_or_refused_with_a_reaso
 /// discovery dir: with FUSE an unprivileged user can make one) must not stop
 /// `disklet scan`, nor the agent, which read the same table.
 ///
-/// Catches the defect in `src/host/mountinfo.rs` `read_consistent`
-/// (`read_to_string` fails on the whole table): reproduced with a copy of
-/// this host's table plus one such line, through `mountInfo`.
+/// Catches `read_to_string` on the whole table (it failed on the one bad
+/// line, so scan exited 1 and every reconcile failed): a copy of this host's
+/// table plus one such line, through `mountInfo`.
 #[test]
-#[ignore = "defect in src/host/mountinfo.rs (not this suite's file): read_consistent uses read_to_string; see the hostile-inputs report"]
 fn a_mount_point_name_that_is_not_utf8_does_not_stop_the_scan() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -983,10 +982,11 @@ async fn two_devices_with_one_filesystem_uuid_are_both_refused_until_one_goes() 
 
     let agent = Agent::start(&env, "agent", "node-a", &cfg_text);
     agent.wait_log("ready: first reconcile done");
-    // Each device's refusal is logged naming both copies. (Events: the
-    // Node's DiskSkipped Events collapse into one series whose note is the
-    // first device's, so only one of them is checked there; see the report.)
+    // Each device's refusal is logged, and published as an Event, naming
+    // both copies (Events used to collapse into one series that kept the
+    // first device's note only).
     let log = std::fs::read_to_string(&agent.log).unwrap();
+    let events = env.events().await;
     for (l, twin) in [
         (&ours_a, &ours_b),
         (&ours_b, &ours_a),
@@ -1001,14 +1001,14 @@ async fn two_devices_with_one_filesystem_uuid_are_both_refused_until_one_goes() 
             l.path(),
             twin.path()
         );
+        assert!(
+            events.iter().any(|(_, r, n)| r == "DiskSkipped"
+                && n.contains(&format!("{} (class dup): duplicate-identity", l.path()))
+                && n.contains(twin.path())),
+            "an Event names {} and its twin: {events:?}",
+            l.path()
+        );
     }
-    let events = env.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|(_, r, n)| r == "DiskSkipped" && n.contains("duplicate-identity")),
-        "{events:?}"
-    );
     assert!(
         MountSweeper::mounts_under(&d.join("hostdir")).is_empty(),
         "neither copy is mounted"

@@ -85,7 +85,7 @@ impl HostTables for ProcTables {
     }
 
     fn swaps(&self) -> Result<Vec<SwapEntry>, HostError> {
-        let text = std::fs::read_to_string(&self.swaps).map_err(|source| HostError::Swaps {
+        let text = mountinfo::read_lossy(&self.swaps).map_err(|source| HostError::Swaps {
             path: self.swaps.clone(),
             source,
         })?;

@@ -86,12 +86,25 @@ pub fn propagation_of(text: &str, path: &Path) -> Option<String> {
     best.map(|(_, tags)| tags)
 }
 
+/// A kernel table as text. Paths in it are bytes, not UTF-8: one mount
+/// point named with other bytes anywhere on the host (any user can make one
+/// with FUSE) must not make the whole table unreadable. Such a path reads
+/// with U+FFFD in it, so it can never equal a path disklet was configured
+/// with (those are UTF-8).
+pub fn read_lossy(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
 /// Reads a mountinfo file until two consecutive reads agree (at most 5 reads;
 /// the last one wins if the table never stops changing).
 pub fn read_consistent(path: &Path) -> std::io::Result<Vec<MountEntry>> {
-    let mut prev = std::fs::read_to_string(path)?;
+    let mut prev = read_lossy(path)?;
     for _ in 0..4 {
-        let next = std::fs::read_to_string(path)?;
+        let next = read_lossy(path)?;
         if next == prev {
             break;
         }

@@ -74,7 +74,7 @@ pub struct Kube {
     pvs: Api<PersistentVolume>,
     nodes: Api<Node>,
     scs: Api<StorageClass>,
-    recorder: Recorder,
+    reporter: Reporter,
 }
 
 impl Kube {
@@ -105,7 +105,7 @@ impl Kube {
             pvs: Api::all(client.clone()),
             nodes: Api::all(client.clone()),
             scs: Api::all(client.clone()),
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             node: node.to_string(),
         }
@@ -261,7 +261,12 @@ impl Kube {
         };
         match tokio::time::timeout(
             CALL_TIMEOUT,
-            self.recorder.publish(&ev, &obj.object_ref(&())),
+            // A recorder per Event: kube's merges Events of one object,
+            // reason and action into a series that keeps the first message
+            // only, so four refused disks read as one. Repeats are held back
+            // by the reconciler instead (one per message per 10 minutes).
+            Recorder::new(self.client.clone(), self.reporter.clone())
+                .publish(&ev, &obj.object_ref(&())),
         )
         .await
         {
