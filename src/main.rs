@@ -133,6 +133,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if cfg.classes.is_empty() {
+                eprintln!(
+                    "disklet: {}: classes: none configured, so the agent would do nothing; add a class naming the disks (selector) or discovery dirs disklet may use (`disklet scan` lists candidates)",
+                    config.display()
+                );
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
             match run_agent(cfg, node_name, listen) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -96,3 +96,22 @@ fn version_names_the_commit() {
         "{v}"
     );
 }
+
+/// `disklet run` with no class would run and do nothing forever: refused
+/// as a config error (exit 2), before any API call.
+#[test]
+fn run_without_classes_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for text in ["classes: []\n", "hostDir: /var/lib/disklet\n"] {
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_disklet"))
+            .args(["run", "--config", f.to_str().unwrap(), "--node-name", "n"])
+            .env("KUBECONFIG", dir.path().join("none"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains("classes: none configured"), "{err}");
+    }
+}
