@@ -466,13 +466,12 @@ impl Agent {
                             )
                             .await;
                     }
-                    Err(e) if e.is_conflict() => {
-                        info!(
-                            pv = name,
-                            "PV changed since the plan saw it; not deleted, decided again"
-                        );
-                        return true;
-                    }
+                    // The change reaches the watch, whose event kicks the
+                    // next pass; no pass is rerun on a stale view.
+                    Err(e) if e.is_conflict() => info!(
+                        pv = name,
+                        "PV changed since the plan saw it; not deleted, decided again"
+                    ),
                     Err(e) => warn!(pv = name, error = %e, "PV delete failed"),
                 }
                 false
@@ -507,14 +506,33 @@ impl Agent {
                     }
                     return false;
                 }
-                let applied = self.kube.apply_pv(&pv).await;
-                self.metrics.api("apply-pv", applied.is_ok());
-                match applied {
-                    Ok(applied) => {
+                let Some(found) = found else { return false };
+                let phase = found.status.as_ref().and_then(|s| s.phase.as_deref());
+                if found.metadata.deletion_timestamp.is_some()
+                    || matches!(phase, Some("Released" | "Failed"))
+                {
+                    // A released volume taken out of disklet's hands (its
+                    // labels removed) stays out: labelling it again would
+                    // hand its data to the reclaim policy.
+                    let note = format!("{name} ({}) has no disklet labels, so disklet leaves it and its data alone; label it disklet.io/node={} to hand it back", phase.unwrap_or("deleting"), crate::k8s::pv::node_label_value(&self.kube.node));
+                    if self.due("PvModified", &note) {
+                        self.kube
+                            .event(&found, true, "PvModified", "Reconcile", note.clone())
+                            .await;
+                        warn!(pv = name, "{note}");
+                    }
+                    return false;
+                }
+                // Only the labels: the PV's spec stays as it is.
+                let labels = pv.metadata.labels.clone().unwrap_or_default();
+                let labelled = self.kube.label_pv(&name, &labels).await;
+                self.metrics.api("label-pv", labelled.is_ok());
+                match labelled {
+                    Ok(labelled) => {
                         let note = format!("{name} had lost disklet's labels (edited by hand?), so this node no longer saw it; labels restored");
                         warn!(pv = name, "{note}");
                         self.kube
-                            .event(&applied, true, "PvModified", "Publish", note)
+                            .event(&labelled, true, "PvModified", "Publish", note)
                             .await;
                     }
                     Err(e) => {
@@ -905,10 +923,12 @@ impl Agent {
         // and fails (with backoff) while there is none.
         let pvs_listed = || async {
             use futures::FutureExt;
-            store.wait_until_ready().now_or_never().is_some()
-                || tokio::time::timeout(Duration::from_secs(5), store.wait_until_ready())
-                    .await
-                    .is_ok()
+            // (a dropped writer is no list either)
+            matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+                || matches!(
+                    tokio::time::timeout(Duration::from_secs(5), store.wait_until_ready()).await,
+                    Ok(Ok(()))
+                )
         };
 
         let resync = Duration::from_secs(self.cfg.resync_seconds);

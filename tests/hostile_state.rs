@@ -967,3 +967,51 @@ async fn a_filesystem_that_shuts_down_is_withdrawn_and_comes_back_after_a_remoun
     assert_one_pv_per_volume(&env, &[]).await;
     drop(agent);
 }
+
+/// A claimed PV taken out of disklet's hands (its labels removed by the
+/// admin) and then released: disklet leaves it, and its data, alone (a
+/// Warning says how to hand it back). Catches: a released volume labelled
+/// again and handed to its reclaim policy (Delete would reformat it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_pv_whose_labels_were_removed_is_left_alone() {
+    if skip_unless_root("a_released_pv_whose_labels_were_removed_is_left_alone") {
+        return;
+    }
+    let (env, _sweep, _binder) = setup().await;
+    let cfg = config(env.path(), 0);
+    let agent = Agent::start(&env, "agent", "node-a", &cfg);
+    let (bl, bound, _al, _av) = one_bound_one_available(&env, &agent, "c1").await;
+    agent.kill();
+    user_patch(
+        &env,
+        &name_of(&bound),
+        json!({"metadata": {"labels": {"disklet.io/node": null}}}),
+    )
+    .await;
+    release(&env, "c1", &bound).await;
+    let agent = Agent::start(&env, "agent2", "node-a", &cfg);
+    wait_event(
+        &env,
+        "Warning",
+        "PvModified",
+        "leaves it and its data alone",
+    )
+    .await;
+    passes(&agent).await;
+    let now = env.pvs().get(&name_of(&bound)).await.unwrap();
+    assert_eq!(uid_of(&now), uid_of(&bound));
+    assert_eq!(phase(&now), "Released");
+    assert!(
+        now.metadata
+            .labels
+            .as_ref()
+            .is_none_or(|l| !l.contains_key("disklet.io/node")),
+        "not labelled again"
+    );
+    assert_eq!(
+        std::fs::read_to_string(path_of(&bound).join("tenant.db")).unwrap(),
+        "tenant data"
+    );
+    assert_eq!(blkid(bl.path(), "UUID"), ann(&bound, FS_UUID).unwrap());
+    drop(agent);
+}

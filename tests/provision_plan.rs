@@ -840,3 +840,43 @@ fn a_read_only_or_unreadable_disk_is_never_taken_for_a_replaced_or_cleaned_one()
     );
     assert!(!a.iter().any(|k| k == "VolumeReplaced"), "{a:?}");
 }
+
+/// An admin patches a PV to Retain before deleting its claim (the documented
+/// way to keep a volume's data): disklet never puts the StorageClass's
+/// Delete back, or the release would wipe the data. Other fields it owns
+/// are still restored.
+#[test]
+fn a_reclaim_policy_changed_on_the_pv_is_kept() {
+    for phase in ["Available", "Bound"] {
+        let (mut w, mut pv) = published(phase);
+        pv.spec.as_mut().unwrap().persistent_volume_reclaim_policy = Some("Retain".into());
+        w.pvs = vec![pv.clone()];
+        assert!(
+            all_kinds(&w.plan_all()).is_empty(),
+            "{phase}: the PV's Retain is left as it is"
+        );
+        pv.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove("pv.kubernetes.io/provisioned-by");
+        w.pvs = vec![pv];
+        let a = w.plan_all();
+        let Some(Action::ApplyPv { pv: applied, .. }) = a.first() else {
+            panic!(
+                "{phase}: a lost annotation is restored: {:?}",
+                all_kinds(&a)
+            )
+        };
+        assert_eq!(
+            applied
+                .spec
+                .as_ref()
+                .unwrap()
+                .persistent_volume_reclaim_policy
+                .as_deref(),
+            Some("Retain"),
+            "{phase}: applied with the PV's own policy"
+        );
+    }
+}

@@ -329,6 +329,15 @@ fn vanished_disks_withdraw_available_pvs_and_mark_claimed_ones() {
         );
         assert_eq!(kinds(&w.plan()), ["delete:VolumeWithdrawn"], "{phase}");
     }
+    // Mid-bind: claimRef written, the phase not yet (a bind is two
+    // updates): claimed already, never withdrawn.
+    let mut mid_bind = pv("pv1", "fast", "fs:u-1", "Available", "Delete", &anns);
+    mid_bind.spec.as_mut().unwrap().claim_ref = Some(Default::default());
+    assert_eq!(
+        kinds(&world(vec![], vec![], vec![mid_bind]).plan()),
+        ["DeviceMissing", "annotate:disklet.io/device-state=missing"],
+        "a PV with a claimRef is claimed"
+    );
     for phase in ["Bound", "Released"] {
         let w = world(
             vec![],

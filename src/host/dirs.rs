@@ -15,8 +15,16 @@ pub fn mount_fact(mount_point: &Path) -> MountFact {
     let vol = crate::plan::provision::vol_dir(mount_point);
     // A missing `vol` is normal (not made yet); any other error reading the
     // mount point or `vol` is the filesystem failing.
+    // Only errors of the filesystem itself: running out of file descriptors
+    // (EMFILE) must not withdraw every volume of the node.
     let failing = |e: std::io::Error, at: &Path| {
-        (e.kind() != std::io::ErrorKind::NotFound).then(|| format!("{}: {e}", at.display()))
+        use nix::errno::Errno;
+        let fs_error = e.raw_os_error().is_some_and(|n| {
+            [Errno::EIO, Errno::EUCLEAN, Errno::ENOTCONN, Errno::ESTALE]
+                .iter()
+                .any(|x| *x as i32 == n)
+        });
+        fs_error.then(|| format!("{}: {e}", at.display()))
     };
     let mut io_error = std::fs::read_dir(mount_point)
         .err()

@@ -229,6 +229,23 @@ impl Kube {
         .await
     }
 
+    /// Sets labels with a JSON merge patch (nothing else of the PV changes).
+    pub async fn label_pv(
+        &self,
+        name: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<PersistentVolume, KubeError> {
+        let patch = serde_json::json!({"metadata": {"labels": labels}});
+        let what = format!("label PersistentVolume {name}");
+        bounded(|| what.clone(), async {
+            self.pvs
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(api_err(&what))
+        })
+        .await
+    }
+
     /// A PV by name, for Events about it.
     pub async fn get_pv(&self, name: &str) -> Option<PersistentVolume> {
         tokio::time::timeout(CALL_TIMEOUT, self.pvs.get_opt(name))

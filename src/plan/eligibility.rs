@@ -504,6 +504,8 @@ pub fn is_disklet_mount(mp: &Path, host_dir: &Path, kubelet_dir: &Path) -> bool 
     matches!(
         c.as_slice(),
         ["pods", _, "volumes", "kubernetes.io~local-volume", _]
+            // A container's subPath of a volume: kubelet bind-mounts it here.
+            | ["pods", _, "volume-subpaths", _, _, _]
             | ["plugins", "kubernetes.io", "local-volume", "mounts", _]
     )
 }

@@ -509,11 +509,27 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                             subject: Subject::Pv(name.clone()),
                         });
                     }
-                } else if !up_to_date(pv, &desired) {
-                    applies.push(Action::ApplyPv {
-                        pv: Box::new(desired),
-                        create: false,
-                    });
+                } else {
+                    // The reclaim policy comes from the StorageClass at
+                    // creation only: an admin who patches a PV to Retain
+                    // before deleting its claim (the documented way to keep
+                    // a volume's data) must not have it undone, or the
+                    // release would wipe the data.
+                    let mut desired = desired;
+                    if let (Some(ds), Some(have)) = (
+                        desired.spec.as_mut(),
+                        pv.spec
+                            .as_ref()
+                            .and_then(|s| s.persistent_volume_reclaim_policy.clone()),
+                    ) {
+                        ds.persistent_volume_reclaim_policy = Some(have);
+                    }
+                    if !up_to_date(pv, &desired) {
+                        applies.push(Action::ApplyPv {
+                            pv: Box::new(desired),
+                            create: false,
+                        });
+                    }
                 }
             }
         }

@@ -382,6 +382,14 @@ pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
             .as_ref()
             .and_then(|s| s.phase.as_deref())
             .unwrap_or("Pending");
+        // A bind writes claimRef first and the phase in a second update: a
+        // PV seen in between is claimed already, and is never withdrawn.
+        let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
+        let phase = if claimed && matches!(phase, "Available" | "Pending") {
+            "Bound"
+        } else {
+            phase
+        };
         let located = locate(pv, input);
 
         // A PV of an earlier incarnation of this node (deleted and recreated
