@@ -23,7 +23,7 @@ pub struct UdevRecord {
 /// udevd writes values as they are, one `E:KEY=value` line each: a value
 /// with a newline (a rule's `e"x\ny"`) is cut at the newline, here as in
 /// udevd's own reading (`udevadm info` shows `x`), and the rest of it is no
-/// property. Bytes that are not UTF-8 read as U+FFFD.
+/// property. Bytes that are not UTF-8 read as `\xNN`.
 pub fn parse_record(text: &str) -> UdevRecord {
     let mut r = UdevRecord::default();
     for line in text.lines() {
@@ -85,8 +85,21 @@ impl UdevDb {
         // with it the device, look unprocessed forever.
         std::fs::read(p)
             .ok()
-            .map(|b| parse_record(&String::from_utf8_lossy(&b)))
+            .map(|b| parse_record(&escape_invalid(&b)))
     }
+}
+
+/// Text with every byte that is not UTF-8 written as `\xNN`: two serials
+/// that differ only there stay two identities (U+FFFD would merge them).
+pub fn escape_invalid(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -142,7 +155,7 @@ mod tests {
         )
         .unwrap();
         let r = db.record(DevNo::new(7, 1)).unwrap();
-        assert_eq!(r.properties["ID_SERIAL"], "\u{fffd}\u{fffd}");
+        assert_eq!(r.properties["ID_SERIAL"], r"\xff\xfe");
         assert_eq!(r.properties["ID_WWN"], "x", "a newline ends a value");
         assert_eq!(r.properties["ID_MODEL"], "a b");
         assert_eq!(r.properties.len(), 3);
