@@ -435,7 +435,7 @@ impl Config {
             );
         }
         let mut names = BTreeSet::new();
-        let mut dirs_seen: Vec<(String, PathBuf)> = Vec::new();
+        let mut dirs_seen: Vec<(String, PathBuf, VolumeMode)> = Vec::new();
         for (i, c) in self.classes.iter().enumerate() {
             let k = |field: &str| format!("classes[{i}].{field}");
             if let Err(why) = dns1123_label(&c.name) {
@@ -591,16 +591,18 @@ impl Config {
                         here.clone(),
                         format!("{} contains `..`; write the path without it", d.display()),
                     );
-                } else if let Some(other) = dirs_seen
-                    .iter()
-                    .find(|(_, o)| d.starts_with(o) || o.starts_with(d))
-                {
+                } else if let Some(other) = dirs_seen.iter().find(|(_, o, mode)| {
+                    // A Filesystem class publishes the mount points of a
+                    // dir, a Block class its device links: one dir may
+                    // serve one of each.
+                    *mode == c.volume_mode && (d.starts_with(o) || o.starts_with(d))
+                }) {
                     bad(
                         here.clone(),
                         format!("{} overlaps {} {}: one volume would be published twice; list each directory once, in one class", d.display(), other.0, other.1.display()),
                     );
                 }
-                dirs_seen.push((here.clone(), d.clone()));
+                dirs_seen.push((here.clone(), d.clone(), c.volume_mode));
                 if d.starts_with(&self.kubelet_dir) || self.kubelet_dir.starts_with(d) {
                     bad(
                         here,
@@ -934,6 +936,10 @@ classes:
         assert_eq!(
             keys("classes: [{name: a, discoveryDirs: [/mnt/d]}, {name: b, discoveryDirs: [/mnt/d/x]}]"),
             ["classes[1].discoveryDirs[0]"]
+        );
+        assert!(
+            Config::parse("classes: [{name: a, discoveryDirs: [/mnt/d]}, {name: b, volumeMode: Block, discoveryDirs: [/mnt/d]}]").is_ok(),
+            "mount points for one, device links for the other"
         );
         assert_eq!(
             keys("classes: [{name: a, selector: {backingFiles: ['/*'], types: [loop]}}]"),
