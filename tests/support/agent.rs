@@ -370,3 +370,183 @@ pub fn blkid(dev: &str, tag: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+// ---- Load tests (tests/load.rs, benches/load.rs) ----
+
+impl Agent {
+    /// The agent's process id, e.g. for `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Like `wait_log`, with a deadline chosen by the caller (a first pass
+    /// over hundreds of disks takes longer than 60 s on a busy machine).
+    pub fn wait_log_within(&self, marker: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(marker) => return l,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no log line with {marker:?} within {timeout:?}; log: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// The sum over all series of a metric family from `/metrics` (e.g.
+    /// `disklet_reconciles_total`); `None` when the family is absent.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200, "/metrics answered {code}");
+        metric_sum(&body, name)
+    }
+}
+
+/// The sum of the samples named exactly `name` in a Prometheus text scrape.
+pub fn metric_sum(scrape: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in scrape.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let v: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+        *found.get_or_insert(0.0) += v;
+    }
+    found
+}
+
+/// Resident memory of a process in KiB: (`VmRSS` now, `VmHWM` peak).
+pub fn proc_mem_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{k} missing in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+impl Env {
+    /// `wait_pvs` with a deadline chosen by the caller.
+    pub async fn wait_pvs_within(
+        &self,
+        selector: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[PersistentVolume]) -> bool,
+    ) -> Vec<PersistentVolume> {
+        let (reader, writer) = reflector::store::<PersistentVolume>();
+        let stream =
+            watcher(self.pvs(), watcher::Config::default().labels(selector)).reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        let wait = async {
+            loop {
+                match stream.next().await {
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => panic!("PV watch failed: {e}"),
+                    None => panic!("PV watch ended"),
+                }
+                let now: Vec<PersistentVolume> =
+                    reader.state().iter().map(|p| (**p).clone()).collect();
+                if pred(&now) {
+                    return now;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {timeout:?} waiting for: {what}"))
+    }
+
+    /// Writes a kubeconfig for this env's server whose requests are logged
+    /// with `user == Some(token)`, so that several agents can be told apart.
+    pub fn kubeconfig_as(&self, token: &str) -> PathBuf {
+        let p = self.path().join(format!("kubeconfig-{token}"));
+        self.server.write_kubeconfig_as(&p, token).unwrap();
+        p
+    }
+
+    /// Seeds `n` PVs of `nodes` other nodes (`foreign-0` …), each as disklet
+    /// itself builds and applies them (server-side apply, field manager
+    /// `disklet`, every other one claimed), straight through the store.
+    pub async fn seed_foreign_pvs(&self, n: usize, nodes: usize) {
+        use disklet::model::{NodeInfo, ScInfo, Volume};
+        let sc = ScInfo {
+            reclaim_policy: "Delete".into(),
+            mount_options: vec!["noatime".into()],
+        };
+        let infos: Vec<NodeInfo> = (0..nodes)
+            .map(|i| NodeInfo {
+                name: format!("foreign-{i}"),
+                uid: format!("00000000-0000-4000-8000-{i:012}"),
+                hostname: format!("foreign-{i}.example.com"),
+                labels: [(
+                    "topology.kubernetes.io/zone".to_string(),
+                    format!("z{}", i % 3),
+                )]
+                .into(),
+            })
+            .collect();
+        let keys = ["topology.kubernetes.io/zone".to_string()];
+        let store = self.server.store();
+        for i in 0..n {
+            let node = &infos[i % nodes];
+            let uuid = format!("{i:08x}-0000-4000-8000-{:012x}", i * 7919);
+            let v = Volume {
+                key: format!("fs:{uuid}"),
+                class: "fast".into(),
+                mode: disklet::config::VolumeMode::Filesystem,
+                path: PathBuf::from(format!("/var/lib/disklet/fast/{uuid}/vol")),
+                capacity_bytes: 3_998_614_470_656,
+                fs_type: None,
+                annotations: [
+                    ("disklet.io/fs-uuid".to_string(), uuid.clone()),
+                    (
+                        "disklet.io/device-id".to_string(),
+                        format!("wwn:0x5000c500{i:08x}"),
+                    ),
+                    (
+                        "disklet.io/by-id".to_string(),
+                        format!("/dev/disk/by-id/wwn-0x5000c500{i:08x}"),
+                    ),
+                ]
+                .into(),
+                create_blocked: None,
+            };
+            let pv = disklet::k8s::pv::build_pv(&v, node, "local-fast", &sc, &keys);
+            let name = pv.metadata.name.clone().unwrap();
+            let mut body = serde_json::to_value(&pv).unwrap();
+            body["apiVersion"] = json!("v1");
+            body["kind"] = json!("PersistentVolume");
+            if i % 2 == 0 {
+                body["spec"]["claimRef"] = json!({
+                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "namespace": format!("team-{}", i % 40), "name": format!("data-{i}"),
+                    "uid": format!("{i:08x}-1111-4000-8000-000000000000"),
+                });
+            }
+            store
+                .patch(
+                    "persistentvolumes",
+                    None,
+                    &name,
+                    disklet_fakeapi::PatchType::Apply,
+                    &body,
+                    false,
+                    Some("disklet"),
+                    true,
+                )
+                .await
+                .unwrap();
+        }
+    }
+}

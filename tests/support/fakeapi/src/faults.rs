@@ -352,6 +352,12 @@ pub struct RequestRecord {
     pub content_type: Option<String>,
     /// User-Agent.
     pub user_agent: Option<String>,
+    /// Who sent it: the bearer token of the `Authorization` header. The fake
+    /// authenticates nobody; a token only names the client, so that requests
+    /// of several clients of one server can be told apart (see
+    /// [`crate::kubeconfig_yaml_as`]).
+    #[serde(default)]
+    pub user: Option<String>,
     /// HTTP status answered (0 when the connection was cut).
     pub status: u16,
     /// Whether a fault rule shaped the answer.
@@ -359,6 +365,10 @@ pub struct RequestRecord {
     /// When the request arrived, in milliseconds since the Unix epoch.
     #[serde(default)]
     pub at_unix_ms: u64,
+    /// Time to answer, in µs (for a watch: until the stream starts); 0 for
+    /// faulted requests.
+    #[serde(default)]
+    pub micros: u64,
 }
 
 /// The request log.
@@ -384,6 +394,21 @@ impl RequestLog {
     /// All records so far.
     pub fn all(&self) -> Vec<RequestRecord> {
         self.lock().clone()
+    }
+
+    /// Records for which `keep` holds.
+    pub fn filtered(&self, keep: impl Fn(&RequestRecord) -> bool) -> Vec<RequestRecord> {
+        self.lock().iter().filter(|r| keep(r)).cloned().collect()
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing was logged.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 
     /// Forget the log.

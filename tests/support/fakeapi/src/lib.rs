@@ -111,6 +111,22 @@ impl FakeApiServer {
         format!("http://{}", self.addr)
     }
 
+    /// Write a kubeconfig whose user sends `token` as a bearer token: the
+    /// requests of this client carry `user == Some(token)` in the log.
+    pub fn write_kubeconfig_as(
+        &self,
+        path: impl AsRef<Path>,
+        token: &str,
+    ) -> Result<(), FakeApiError> {
+        let path = path.as_ref();
+        std::fs::write(path, kubeconfig_yaml_as(&self.url(), token)).map_err(|source| {
+            FakeApiError::Io {
+                path: path.display().to_string(),
+                source,
+            }
+        })
+    }
+
     /// Kubeconfig YAML (cluster, user and context all named `fake`).
     pub fn kubeconfig_yaml(&self) -> String {
         kubeconfig_yaml(&self.url())
@@ -140,6 +156,16 @@ impl FakeApiServer {
     /// Every request served so far (admin `/_fake/` paths excluded).
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.state.log.all()
+    }
+
+    /// Requests sent with this bearer token (see [`kubeconfig_yaml_as`]).
+    pub fn requests_of(&self, user: &str) -> Vec<RequestRecord> {
+        self.state.log.filtered(|r| r.user.as_deref() == Some(user))
+    }
+
+    /// Number of requests served so far (cheap: no copy of the log).
+    pub fn request_total(&self) -> usize {
+        self.state.log.len()
     }
 
     /// Forget the request log.
@@ -209,8 +235,19 @@ impl Drop for FakeApiServer {
 
 /// Kubeconfig for a server URL.
 pub fn kubeconfig_yaml(url: &str) -> String {
+    kubeconfig_with_user(url, "{}")
+}
+
+/// Kubeconfig for a server URL whose user authenticates with a bearer
+/// token. The fake accepts any token and records it as the request's `user`.
+pub fn kubeconfig_yaml_as(url: &str, token: &str) -> String {
+    // A JSON string is a valid YAML flow scalar: any token is quoted safely.
+    kubeconfig_with_user(url, &format!("{{token: {}}}", Value::from(token)))
+}
+
+fn kubeconfig_with_user(url: &str, user: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\npreferences: {{}}\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: fake\n  user: {user}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\npreferences: {{}}\n"
     )
 }
 

@@ -376,6 +376,7 @@ pub(crate) async fn serve(
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Abort> {
+    let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let raw_query = req.uri().query().unwrap_or("").to_string();
@@ -390,6 +391,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             .map(str::to_string)
     };
     let user_agent = header_str(header::USER_AGENT);
+    let user = header_str(header::AUTHORIZATION).and_then(|a| {
+        a.strip_prefix("Bearer ")
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    });
     let content_type = header_str(header::CONTENT_TYPE);
     let accept = header_str(header::ACCEPT).unwrap_or_default();
     let rt = route(&path);
@@ -427,11 +433,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         field_manager: q.get("fieldManager").map(str::to_string),
         content_type: content_type.clone(),
         user_agent: user_agent.clone(),
+        user,
         status: 0,
         faulted: false,
         at_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
+        micros: 0,
     };
     let decision = state.faults.check(verb, resource.as_deref(), &group);
     if !decision.delay.is_zero() {
@@ -523,6 +531,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
     };
     record.status = resp.status().as_u16();
+    record.micros = started.elapsed().as_micros() as u64;
     state.log.push(record);
     Ok(resp)
 }
@@ -896,7 +905,7 @@ async fn watch(
             initial.push(expired_line(&rv_param, store.compacted_rv() + 1));
             terminal = true;
         } else if send_initial || rv_param.is_empty() || rv_param == "0" {
-            for obj in store.snapshot(r.rid, filter.ns.as_deref()) {
+            for obj in store.select(r.rid, filter.ns.as_deref(), &filter.labels) {
                 if filter.matches(&obj) {
                     initial.push(line("ADDED", &obj));
                 }

@@ -6,11 +6,11 @@ use crate::error::{ApiError, Cause};
 use crate::fields::{self, Scope};
 use crate::patch::{self, PatchType};
 use crate::resources::{self, info, ResourceId, ResourceInfo, RESOURCES};
-use crate::selector::{FieldSelector, LabelSelector};
+use crate::selector::{FieldSelector, LabelReq, LabelSelector};
 use crate::validation;
 use base64::Engine;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -115,9 +115,16 @@ pub struct ListOpts {
 /// Key within one resource's map: (namespace, name); namespace is "" for cluster-scoped.
 pub type ObjKey = (String, String);
 
+/// Per resource: (label key, label value) → keys of the objects carrying it.
+type LabelIndex = HashMap<(String, String), BTreeSet<ObjKey>>;
+
 /// The store state. Callers hold the `tokio::sync::Mutex` around it.
 pub struct Store {
     objects: Vec<BTreeMap<ObjKey, Arc<Value>>>,
+    /// A list or watch whose selector has a `key=value` requirement visits
+    /// only the objects with that label, not every object of the type (an
+    /// agent listing its own PVs among 100,000 of other nodes).
+    labels: Vec<LabelIndex>,
     rv: u64,
     history: VecDeque<Arc<Event>>,
     history_size: usize,
@@ -147,6 +154,16 @@ fn set_meta(obj: &mut Value, key: &str, value: Value) {
             m.insert(key.to_string(), value);
         }
     }
+}
+
+/// The labels of an object whose values are strings (the only ones a
+/// `key=value` requirement matches).
+fn string_labels(obj: &Value) -> impl Iterator<Item = (&str, &str)> {
+    obj.pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.as_str(), v)))
 }
 
 fn finalizers(obj: &Value) -> Vec<String> {
@@ -205,6 +222,7 @@ impl Store {
     pub fn new(history_size: usize, tx: broadcast::Sender<Signal>) -> Self {
         Store {
             objects: RESOURCES.iter().map(|_| BTreeMap::new()).collect(),
+            labels: RESOURCES.iter().map(|_| HashMap::new()).collect(),
             rv: 1,
             history: VecDeque::new(),
             history_size: history_size.max(1),
@@ -282,6 +300,86 @@ impl Store {
         (ns.to_string(), name.to_string())
     }
 
+    /// Stores `obj` under `key`, keeping the label index in step.
+    fn put(&mut self, rid: ResourceId, key: ObjKey, obj: Arc<Value>) {
+        if let Some(old) = self.objects[rid].insert(key.clone(), obj.clone()) {
+            self.unindex(rid, &key, &old);
+        }
+        for (k, v) in string_labels(&obj) {
+            self.labels[rid]
+                .entry((k.to_string(), v.to_string()))
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    /// Removes the object under `key`, keeping the label index in step.
+    fn take(&mut self, rid: ResourceId, key: &ObjKey) -> Option<Arc<Value>> {
+        let old = self.objects[rid].remove(key)?;
+        self.unindex(rid, key, &old);
+        Some(old)
+    }
+
+    fn unindex(&mut self, rid: ResourceId, key: &ObjKey, obj: &Value) {
+        for (k, v) in string_labels(obj) {
+            let idx = (k.to_string(), v.to_string());
+            if let Some(set) = self.labels[rid].get_mut(&idx) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.labels[rid].remove(&idx);
+                }
+            }
+        }
+    }
+
+    /// The objects a selector can match, in key order from `start`: those
+    /// carrying the rarest of its `key=value` labels (index), or all.
+    fn candidates<'a>(
+        &'a self,
+        rid: ResourceId,
+        labels: &LabelSelector,
+        start: Bound<ObjKey>,
+    ) -> Box<dyn Iterator<Item = (&'a ObjKey, &'a Arc<Value>)> + 'a> {
+        let map = &self.objects[rid];
+        let narrowest = labels
+            .reqs
+            .iter()
+            .filter_map(|r| match r {
+                LabelReq::Eq(k, v) => Some(
+                    self.labels[rid]
+                        .get(&(k.clone(), v.clone()))
+                        .map_or(0, BTreeSet::len),
+                )
+                .map(|n| (n, k, v)),
+                _ => None,
+            })
+            .min_by_key(|(n, _, _)| *n);
+        match narrowest {
+            None => Box::new(map.range((start, Bound::Unbounded))),
+            Some((_, k, v)) => match self.labels[rid].get(&(k.clone(), v.clone())) {
+                None => Box::new(std::iter::empty()),
+                Some(keys) => Box::new(
+                    keys.range((start, Bound::Unbounded))
+                        .filter_map(move |key| map.get_key_value(key)),
+                ),
+            },
+        }
+    }
+
+    /// Objects of a type (optionally one namespace) matching a label
+    /// selector, sorted; uses the label index.
+    pub fn select(
+        &self,
+        rid: ResourceId,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+    ) -> Vec<Arc<Value>> {
+        self.candidates(rid, labels, Bound::Unbounded)
+            .filter(|((n, _), v)| ns.is_none_or(|x| x == n) && labels.matches(v))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// Get one object.
     pub fn get(&self, rid: ResourceId, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
         let res = info(rid);
@@ -320,7 +418,6 @@ impl Store {
         opts: &ListOpts,
     ) -> Result<(Vec<Arc<Value>>, Value), ApiError> {
         let res = info(rid);
-        let map = &self.objects[rid];
         let mut list_rv = self.rv;
         let start = match &opts.continue_token {
             Some(tok) if !tok.is_empty() => {
@@ -345,7 +442,7 @@ impl Store {
         let mut last_key: Option<ObjKey> = None;
         let mut remaining = 0usize;
         let mut more = false;
-        for (k, v) in map.range((start, Bound::Unbounded)) {
+        for (k, v) in self.candidates(rid, &opts.labels, start) {
             if ns_filter.is_some_and(|n| n != k.0) {
                 continue;
             }
@@ -525,7 +622,7 @@ impl Store {
         let rv = self.next_rv();
         set_meta(&mut obj, "resourceVersion", json!(rv.to_string()));
         let arc = Arc::new(obj);
-        self.objects[rid].insert(key, arc.clone());
+        self.put(rid, key, arc.clone());
         self.emit(rid, EventType::Added, arc.clone(), None);
         Ok((*arc).clone())
     }
@@ -847,10 +944,10 @@ impl Store {
         set_meta(&mut new, "resourceVersion", json!(rv.to_string()));
         let arc = Arc::new(new);
         if terminating && new_fin.is_empty() {
-            self.objects[rid].remove(&key);
+            self.take(rid, &key);
             self.emit(rid, EventType::Deleted, arc.clone(), Some(old));
         } else {
-            self.objects[rid].insert(key, arc.clone());
+            self.put(rid, key, arc.clone());
             self.emit(rid, EventType::Modified, arc.clone(), Some(old));
         }
         Ok((*arc).clone())
@@ -908,7 +1005,7 @@ impl Store {
             let rv = self.next_rv();
             set_meta(&mut new, "resourceVersion", json!(rv.to_string()));
             let arc = Arc::new(new);
-            self.objects[rid].insert(key, arc.clone());
+            self.put(rid, key, arc.clone());
             self.emit(rid, EventType::Modified, arc.clone(), Some(old));
             return Ok(DeleteOutcome::Pending((*arc).clone()));
         }
@@ -918,7 +1015,7 @@ impl Store {
         let rv = self.next_rv();
         let mut last = (*old).clone();
         set_meta(&mut last, "resourceVersion", json!(rv.to_string()));
-        self.objects[rid].remove(&key);
+        self.take(rid, &key);
         let arc = Arc::new(last);
         self.emit(rid, EventType::Deleted, arc.clone(), Some(old));
         if res.plural == "namespaces" {
@@ -933,7 +1030,7 @@ impl Store {
                     .cloned()
                     .collect();
                 for k in keys {
-                    if let Some(o) = self.objects[i].remove(&k) {
+                    if let Some(o) = self.take(i, &k) {
                         self.next_rv();
                         let mut l = (*o).clone();
                         set_meta(&mut l, "resourceVersion", json!(self.rv.to_string()));
@@ -958,8 +1055,8 @@ impl Store {
         } else {
             None
         };
-        let keys: Vec<ObjKey> = self.objects[rid]
-            .iter()
+        let keys: Vec<ObjKey> = self
+            .candidates(rid, &lopts.labels, Bound::Unbounded)
             .filter(|(k, v)| {
                 ns_filter.as_deref().is_none_or(|n| n == k.0)
                     && lopts.labels.matches(v)
@@ -1023,4 +1120,134 @@ fn decode_continue(tok: &str) -> Result<(u64, ObjKey), ApiError> {
     let start = start.trim_end_matches('\u{0}');
     let (ns, name) = start.split_once('/').ok_or_else(bad)?;
     Ok((rv, (ns.to_string(), name.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pv(name: &str, node: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": name, "labels": {"disklet.io/node": node, "tier": "x"}},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                "hostPath": {"path": format!("/mnt/{name}")}}
+        })
+    }
+
+    fn names(list: &Value) -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn list(
+        st: &Store,
+        rid: ResourceId,
+        sel: &str,
+        limit: Option<usize>,
+        cont: Option<String>,
+    ) -> Value {
+        let opts = ListOpts {
+            labels: LabelSelector::parse(sel).unwrap(),
+            limit,
+            continue_token: cont,
+            ..Default::default()
+        };
+        st.list(rid, &opts).unwrap()
+    }
+
+    #[test]
+    fn label_index_follows_writes_and_lists_like_a_scan() {
+        let (tx, _) = broadcast::channel(16);
+        let mut st = Store::new(100, tx);
+        let rid = resources::lookup("", "v1", "persistentvolumes").unwrap();
+        let w = WriteOpts::default();
+        for i in 0..30 {
+            let node = if i % 3 == 0 { "a" } else { "b" };
+            st.create(rid, None, pv(&format!("pv-{i:02}"), node), &w)
+                .unwrap();
+        }
+        let a: Vec<String> = (0..30)
+            .filter(|i| i % 3 == 0)
+            .map(|i| format!("pv-{i:02}"))
+            .collect();
+        assert_eq!(names(&list(&st, rid, "disklet.io/node=a", None, None)), a);
+        // The narrowest requirement drives, the others still filter.
+        assert_eq!(
+            names(&list(&st, rid, "tier=x,disklet.io/node=a", None, None)),
+            a
+        );
+        assert_eq!(
+            names(&list(&st, rid, "disklet.io/node=a,tier!=x", None, None)),
+            Vec::<String>::new()
+        );
+        assert!(names(&list(&st, rid, "disklet.io/node=zz", None, None)).is_empty());
+        // Pages in key order, continue included.
+        let p1 = list(&st, rid, "disklet.io/node=a", Some(4), None);
+        assert_eq!(names(&p1), a[..4]);
+        let tok = p1["metadata"]["continue"].as_str().unwrap().to_string();
+        let p2 = list(&st, rid, "disklet.io/node=a", Some(100), Some(tok));
+        assert_eq!(names(&p2), a[4..]);
+        // Relabel moves it, delete removes it, a merge patch too.
+        st.patch(
+            rid,
+            None,
+            "pv-00",
+            PatchType::Merge,
+            &json!({"metadata": {"labels": {"disklet.io/node": "b"}}}),
+            false,
+            &w,
+        )
+        .unwrap();
+        st.delete(rid, None, "pv-03", &DeleteOpts::default())
+            .unwrap();
+        assert_eq!(
+            names(&list(&st, rid, "disklet.io/node=a", None, None)),
+            a[2..]
+        );
+        assert!(names(&list(&st, rid, "disklet.io/node=b", None, None)).contains(&"pv-00".into()));
+        assert_eq!(
+            st.select(
+                rid,
+                None,
+                &LabelSelector::parse("disklet.io/node=a").unwrap()
+            )
+            .len(),
+            a.len() - 2
+        );
+        // Labels dropped entirely leave no trace in the index.
+        st.patch(
+            rid,
+            None,
+            "pv-06",
+            PatchType::Merge,
+            &json!({"metadata": {"labels": null}}),
+            false,
+            &w,
+        )
+        .unwrap();
+        assert_eq!(
+            names(&list(&st, rid, "disklet.io/node=a", None, None)),
+            a[3..]
+        );
+        let del = st
+            .delete_collection(
+                rid,
+                &ListOpts {
+                    labels: LabelSelector::parse("disklet.io/node=b").unwrap(),
+                    ..Default::default()
+                },
+                &DeleteOpts::default(),
+            )
+            .unwrap();
+        assert_eq!(names(&del).len(), 21);
+        assert_eq!(st.snapshot(rid, None).len(), 30 - 1 - 21);
+        assert!(st.labels[rid]
+            .keys()
+            .all(|(k, v)| k != "disklet.io/node" || v == "a"));
+    }
 }
