@@ -492,18 +492,8 @@ impl Agent {
                         .all(|k| want(f, k).is_some() && want(f, k) == want(&pv, k))
                 });
                 if !ours {
-                    if self.due("VolumeNotClean", &otherwise) {
-                        self.kube
-                            .event(
-                                node_obj,
-                                true,
-                                "VolumeNotClean",
-                                "Reconcile",
-                                otherwise.clone(),
-                            )
-                            .await;
-                        warn!(reason = "VolumeNotClean", "{otherwise}");
-                    }
+                    self.report_node(node_obj, true, "VolumeNotClean", otherwise)
+                        .await;
                     return false;
                 }
                 let Some(found) = found else { return false };
@@ -653,19 +643,7 @@ impl Agent {
             } => {
                 match subject {
                     Subject::Pv(pv) => self.report_pv(&pv, warning, reason, message).await,
-                    Subject::Node => {
-                        if self.due(reason, &message) {
-                            // The Event first, then the log line.
-                            self.kube
-                                .event(node_obj, warning, reason, "Reconcile", message.clone())
-                                .await;
-                            if warning {
-                                warn!(reason, "{message}");
-                            } else {
-                                info!(reason, "{message}");
-                            }
-                        }
-                    }
+                    Subject::Node => self.report_node(node_obj, warning, reason, message).await,
                 }
                 false
             }
@@ -685,6 +663,28 @@ impl Agent {
         }
         self.reported.insert(key, Instant::now());
         true
+    }
+
+    /// A deduplicated Event on the Node, then its log line.
+    async fn report_node(
+        &mut self,
+        node_obj: &Node,
+        warning: bool,
+        reason: &'static str,
+        message: String,
+    ) {
+        if !self.due(reason, &message) {
+            return;
+        }
+        // The Event first, then the log line.
+        self.kube
+            .event(node_obj, warning, reason, "Reconcile", message.clone())
+            .await;
+        if warning {
+            warn!(reason, "{message}");
+        } else {
+            info!(reason, "{message}");
+        }
     }
 
     /// A deduplicated Event on a PV (skipped if the PV is gone).
