@@ -47,3 +47,48 @@ pub fn hit(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+/// Pause points, for tests that must make the agent see the host change in
+/// the middle of a step (a race no test could win by timing). With the
+/// `failpoints` feature, a point named in `DISKLET_PAUSEPOINTS` creates the
+/// file `$DISKLET_PAUSE_DIR/<name>` the first time it is reached, and waits
+/// until the test deletes it. Without the feature, `pause` is empty.
+pub const PAUSES: &[&str] = &[
+    // The agent has listed the block devices but not yet read the mount
+    // table and the discovery dirs.
+    "observe-after-devices",
+];
+
+#[cfg(feature = "failpoints")]
+pub fn pause(name: &str) {
+    use std::sync::Mutex;
+    static DONE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let armed = std::env::var("DISKLET_PAUSEPOINTS")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == name);
+    let Ok(dir) = std::env::var("DISKLET_PAUSE_DIR") else {
+        return;
+    };
+    {
+        let Ok(mut done) = DONE.lock() else { return };
+        if !armed || done.iter().any(|d| d == name) {
+            return;
+        }
+        done.push(name.to_string());
+    }
+    let flag = std::path::Path::new(&dir).join(name);
+    if let Err(e) = std::fs::write(&flag, b"") {
+        eprintln!("pausepoint {name}: cannot create {}: {e}", flag.display());
+        return;
+    }
+    eprintln!("pausepoint {name}: waiting for {} to go", flag.display());
+    // A test hook, never built into a release: polling keeps it simple.
+    while flag.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn pause(_name: &str) {}

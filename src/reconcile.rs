@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::host::events::{self, Kick};
@@ -109,12 +109,7 @@ impl Agent {
 
     /// Devices, decisions (with settle times), mount facts and discovery dirs.
     pub fn observe(&mut self) -> Result<Observed, HostError> {
-        let mut inv = crate::scan::observe_named(
-            &self.devices,
-            &self.prober,
-            &self.tables,
-            Some(&self.classes),
-        )?;
+        let (mut inv, entries) = self.snapshot()?;
         let now = Instant::now();
         let mut seen = HashMap::new();
         for d in &inv.devices {
@@ -156,12 +151,6 @@ impl Agent {
                 mounts.insert(m.mount_point.clone(), dirs::mount_fact(&m.mount_point));
             }
         }
-        let mut entries = Vec::new();
-        for c in &self.cfg.classes {
-            for d in &c.discovery_dirs {
-                entries.extend(dirs::scan_dir(&c.name, d, &inv.mounts));
-            }
-        }
         Ok(Observed {
             inv,
             decisions,
@@ -169,6 +158,37 @@ impl Agent {
             dirs: entries,
             wake_at,
         })
+    }
+
+    /// The devices, the mount table and the discovery dirs, read in that
+    /// order: a device that is mounted is then always seen mounted. An entry
+    /// that appeared in between (a disk attached, formatted and mounted by
+    /// the admin while the devices were being listed) names a device the
+    /// list lacks; it would be published without the identity its cleanup
+    /// checks, or refused as an unknown device. The snapshot is then read
+    /// once more, and a device still missing is left to the plan.
+    fn snapshot(&self) -> Result<(Inventory, Vec<DirEntry>), HostError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let inv = crate::scan::observe_named(
+                &self.devices,
+                &self.prober,
+                &self.tables,
+                Some(&self.classes),
+            )?;
+            let mut entries = Vec::new();
+            for c in &self.cfg.classes {
+                for d in &c.discovery_dirs {
+                    entries.extend(dirs::scan_dir(&c.name, d, &inv.mounts));
+                }
+            }
+            let missing = dirs::devices_missing(&entries, &inv.devices);
+            if missing.is_empty() || tries == 2 {
+                return Ok((inv, entries));
+            }
+            debug!(entries = ?missing, "discovery entries name devices the listing lacked; reading again");
+        }
     }
 
     async fn storage_classes(&self) -> Result<BTreeMap<String, Option<ScInfo>>, KubeError> {

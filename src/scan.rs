@@ -148,6 +148,7 @@ pub fn observe_named(
             });
         }
     });
+    crate::failpoint::pause("observe-after-devices");
     Ok(Inventory {
         devices: devs,
         mounts: tables.mounts()?,

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::model::{DirEntry, DirEntryKind, MountEntry, MountFact};
+use crate::model::{Device, DirEntry, DirEntryKind, MountEntry, MountFact};
 
 /// Filesystem size in bytes.
 pub fn fs_capacity(path: &Path) -> Option<u64> {
@@ -230,6 +230,24 @@ fn entry_kind(
     )
 }
 
+/// Entries whose device is not among `devices`: a mount point of a block
+/// device (major number not 0; 0 is a filesystem with no device, tmpfs or a
+/// btrfs subvolume) or a symlink to a device node the listing lacks. Read
+/// in the same pass, that means the device appeared after the listing.
+pub fn devices_missing<'a>(entries: &'a [DirEntry], devices: &[Device]) -> Vec<&'a Path> {
+    entries
+        .iter()
+        .filter(|e| match &e.kind {
+            DirEntryKind::MountPoint { devno, .. } => {
+                devno.major != 0 && !devices.iter().any(|d| d.devno == *devno)
+            }
+            DirEntryKind::BlockLink { target, .. } => !devices.iter().any(|d| &d.devnode == target),
+            DirEntryKind::Other => false,
+        })
+        .map(|e| e.path.as_path())
+        .collect()
+}
+
 /// A block device's size from sysfs, by its node.
 fn block_size(dev: &Path) -> Option<u64> {
     let n = crate::host::mountinfo::block_devno(dev)?;
@@ -294,6 +312,46 @@ mod tests {
         assert!(scan_dir("c", d, &[])
             .iter()
             .all(|e| e.kind == DirEntryKind::Other));
+    }
+
+    /// Catches: an entry whose device the listing lacked going unnoticed
+    /// (it would be published without its identity), and a tmpfs or a
+    /// btrfs subvolume (major 0, no device at all) being taken for one.
+    #[test]
+    fn entries_naming_devices_the_listing_lacks_are_found() {
+        use crate::model::{DevNo, DeviceKind};
+        let entry = |name: &str, kind: DirEntryKind| DirEntry {
+            class: "c".into(),
+            path: Path::new("/d").join(name),
+            kind,
+        };
+        let mp = |major, minor| DirEntryKind::MountPoint {
+            capacity_bytes: 1,
+            devno: DevNo::new(major, minor),
+        };
+        let link = |node: &str| DirEntryKind::BlockLink {
+            target: node.into(),
+            size_bytes: 1,
+        };
+        let entries = vec![
+            entry("listed", mp(7, 1)),
+            entry("new", mp(7, 2)),
+            entry("tmpfs", mp(0, 52)),
+            entry("link-listed", link("/dev/loop1")),
+            entry("link-new", link("/dev/loop3")),
+            entry("other", DirEntryKind::Other),
+        ];
+        let devices = vec![Device::new("loop1", DevNo::new(7, 1), DeviceKind::Loop)];
+        assert_eq!(
+            devices_missing(&entries, &devices),
+            vec![Path::new("/d/new"), Path::new("/d/link-new")]
+        );
+        let all = vec![
+            Device::new("loop1", DevNo::new(7, 1), DeviceKind::Loop),
+            Device::new("loop2", DevNo::new(7, 2), DeviceKind::Loop),
+            Device::new("loop3", DevNo::new(7, 3), DeviceKind::Loop),
+        ];
+        assert!(devices_missing(&entries, &all).is_empty());
     }
 
     #[test]
