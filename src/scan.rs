@@ -220,6 +220,7 @@ pub fn scan(
 /// published as is, else `refused` with a reason; and one per discovery dir
 /// that cannot be read (type `dir`).
 pub fn dir_rows(cfg: &Config, inv: &Inventory) -> Vec<Row> {
+    let os_devices = crate::plan::provision::os_devices(inv, cfg);
     let mut rows = Vec::new();
     for c in &cfg.classes {
         for dir in &c.discovery_dirs {
@@ -238,18 +239,29 @@ pub fn dir_rows(cfg: &Config, inv: &Inventory) -> Vec<Row> {
             }
             for e in crate::host::dirs::inspect_dir(&c.name, Some(c.volume_mode), dir, &inv.mounts)
             {
+                let mut refusal = e.refusal;
                 let size = match &e.entry.kind {
                     DirEntryKind::MountPoint { capacity_bytes, .. } => *capacity_bytes,
-                    DirEntryKind::BlockLink { size_bytes, .. } => *size_bytes,
+                    DirEntryKind::BlockLink { size_bytes, target } => {
+                        if refusal.is_none() {
+                            refusal =
+                                crate::plan::provision::link_refusal(inv, &os_devices, target).map(
+                                    |why| {
+                                        (
+                                            "link-in-use",
+                                            format!(
+                                        "a symlink to {}: {why}; the agent does not publish it",
+                                        target.display()
+                                    ),
+                                        )
+                                    },
+                                );
+                        }
+                        *size_bytes
+                    }
                     DirEntryKind::Other => 0,
                 };
-                rows.push(Row::dir(
-                    e.entry.path,
-                    "dir-entry",
-                    &c.name,
-                    size,
-                    e.refusal,
-                ));
+                rows.push(Row::dir(e.entry.path, "dir-entry", &c.name, size, refusal));
             }
         }
     }

@@ -409,7 +409,7 @@ fn run(with_udev: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (scenarios, _global) = prepare(dir.path(), with_udev);
     if with_udev {
-        Udevd::settle();
+        Udevd::reprocess(&scenarios.iter().map(|s| &s.lp).collect::<Vec<_>>());
     }
     let cfg = dir.path().join("config.yaml");
     std::fs::write(&cfg, config(dir.path(), &scenarios, with_udev)).unwrap();

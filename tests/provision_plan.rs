@@ -381,6 +381,7 @@ fn discovery_dir_entries_of_the_right_kind_become_pvs() {
                 capacity_bytes: 7 << 30,
                 devno: DevNo::new(8, 1),
             },
+            warning: None,
         },
         DirEntry {
             class: "dirs".into(),
@@ -389,11 +390,13 @@ fn discovery_dir_entries_of_the_right_kind_become_pvs() {
                 target: "/dev/sdq".into(),
                 size_bytes: 1,
             },
+            warning: None,
         },
         DirEntry {
             class: "dirs".into(),
             path: "/mnt/disks/c".into(),
             kind: DirEntryKind::Other,
+            warning: None,
         },
     ];
     let a = w.plan();
@@ -408,6 +411,45 @@ fn discovery_dir_entries_of_the_right_kind_become_pvs() {
     assert_eq!(
         pv.spec.as_ref().unwrap().local.as_ref().unwrap().path,
         "/mnt/disks/a"
+    );
+}
+
+/// An entry the admin got wrong (here a symlink loop) is reported as a
+/// Warning naming it and why, and nothing else happens for it; the good
+/// entry next to it is still published. Catches: such entries refused in
+/// silence (only `disklet scan` showed them).
+#[test]
+fn an_entry_with_a_warning_is_reported_not_published() {
+    let mut w = world(vec![], vec![]);
+    w.dirs = vec![
+        DirEntry {
+            class: "dirs".into(),
+            path: "/mnt/disks/loop".into(),
+            kind: DirEntryKind::Other,
+            warning: Some("symlink-loop: a symlink to b whose chain loops".into()),
+        },
+        DirEntry {
+            class: "dirs".into(),
+            path: "/mnt/disks/a".into(),
+            kind: DirEntryKind::MountPoint {
+                capacity_bytes: 7 << 30,
+                devno: DevNo::new(8, 1),
+            },
+            warning: None,
+        },
+    ];
+    let a = w.plan();
+    assert_eq!(kinds(&a), ["DiscoveryEntryRefused", "create-pv"]);
+    let Action::Report {
+        warning, message, ..
+    } = &a[0]
+    else {
+        unreachable!()
+    };
+    assert!(*warning);
+    assert_eq!(
+        message,
+        "\"/mnt/disks/loop\": symlink-loop: a symlink to b whose chain loops; not publishing it"
     );
 }
 
@@ -541,6 +583,7 @@ fn a_discovery_link_to_a_disk_in_use_is_refused() {
                 target: "/dev/vda".into(),
                 size_bytes: 10 << 30,
             },
+            warning: None,
         },
         DirEntry {
             class: "rawdir".into(),
@@ -549,6 +592,7 @@ fn a_discovery_link_to_a_disk_in_use_is_refused() {
                 target: "/dev/sdq".into(),
                 size_bytes: 100 << 30,
             },
+            warning: None,
         },
     ];
     let a = w.plan();

@@ -441,6 +441,7 @@ fn discovery_dir_volumes_are_cleaned_file_by_file_whatever_the_class_says() {
             capacity_bytes: 1,
             devno: DevNo::new(8, 1),
         },
+        warning: None,
     }];
     assert_eq!(
         kinds(&w.plan()),

@@ -56,12 +56,20 @@ pub fn mount_fact(mount_point: &Path) -> MountFact {
 /// beyond one symlink hop, and a symlink loop is just `Other`. An entry whose
 /// name kubelet and the mount table cannot carry safely (a control character,
 /// not UTF-8) is `Other` too, so it is never published. Entries that look
-/// like an admin's mistake (such names, symlink loops, dangling symlinks) are
-/// logged once while they stay.
+/// like an admin's mistake (such names, symlink loops, dangling symlinks)
+/// carry a `warning`, which the agent reports as a Warning Event.
 pub fn scan_dir(class: &str, dir: &Path, mounts: &[MountEntry]) -> Vec<DirEntry> {
     let entries = inspect_dir(class, None, dir, mounts);
-    report_once(dir, &entries);
-    entries.into_iter().map(|e| e.entry).collect()
+    entries
+        .into_iter()
+        .map(|e| {
+            let warning = e
+                .refusal
+                .filter(|(code, _)| WARN.contains(code))
+                .map(|(code, detail)| format!("{code}: {detail}"));
+            DirEntry { warning, ..e.entry }
+        })
+        .collect()
 }
 
 /// A discovery-dir entry with why it is not published, if it is not.
@@ -72,7 +80,8 @@ pub struct Inspected {
     pub refusal: Option<(&'static str, String)>,
 }
 
-/// Reasons worth a warning: the admin put something there that can never work.
+/// Reasons worth a Warning Event: the admin put something there that can
+/// never work.
 const WARN: &[&str] = &["unsafe-name", "symlink-loop", "dangling-symlink"];
 
 /// Every entry with its verdict. With `mode`, entries of the wrong kind for
@@ -114,6 +123,7 @@ pub fn inspect_dir(
                     class: class.to_string(),
                     path,
                     kind,
+                    warning: None,
                 },
                 refusal,
             }
@@ -136,37 +146,6 @@ fn unsafe_name(name: &std::ffi::OsStr) -> Option<String> {
             "the name {n:?} holds a control character, which kubelet and the mount table cannot carry safely; rename the entry"
         )),
         Some(_) => None,
-    }
-}
-
-/// Logs each warning-worthy refusal once while it stays, so a resync every
-/// minute does not repeat it; one that goes away and comes back is logged again.
-fn report_once(dir: &Path, entries: &[Inspected]) {
-    use std::collections::BTreeSet;
-    use std::sync::Mutex;
-    static REPORTED: Mutex<BTreeSet<(std::path::PathBuf, &'static str)>> =
-        Mutex::new(BTreeSet::new());
-    let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
-    let now: BTreeSet<(std::path::PathBuf, &'static str)> = entries
-        .iter()
-        .filter_map(|e| {
-            let (code, _) = e.refusal.as_ref()?;
-            WARN.contains(code).then(|| (e.entry.path.clone(), *code))
-        })
-        .collect();
-    reported.retain(|(p, code)| p.parent() != Some(dir) || now.contains(&(p.clone(), *code)));
-    for e in entries {
-        let Some((code, detail)) = &e.refusal else {
-            continue;
-        };
-        if WARN.contains(code) && reported.insert((e.entry.path.clone(), *code)) {
-            tracing::warn!(
-                class = e.entry.class,
-                entry = ?e.entry.path,
-                reason = *code,
-                "discovery-dir entry not published: {detail}"
-            );
-        }
     }
 }
 
@@ -324,6 +303,7 @@ mod tests {
             class: "c".into(),
             path: Path::new("/d").join(name),
             kind,
+            warning: None,
         };
         let mp = |major, minor| DirEntryKind::MountPoint {
             capacity_bytes: 1,

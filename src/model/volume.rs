@@ -98,6 +98,11 @@ pub struct DirEntry {
     pub class: String,
     pub path: PathBuf,
     pub kind: DirEntryKind,
+    /// Why an entry that looks like an admin's mistake (a symlink loop, a
+    /// dangling symlink, a name kubelet cannot carry) is not published: the
+    /// agent reports it as a Warning Event. `None` for good entries and for
+    /// plain ones (a directory not mounted yet).
+    pub warning: Option<String>,
 }
 
 /// A volume ready to be published as a PV.

@@ -138,6 +138,34 @@ pub fn shrunk(dev: &Device, fact: &MountFact) -> bool {
     fact.capacity_bytes > dev.size_bytes
 }
 
+/// The devices the OS runs from (those under `/`, `/boot`, `/boot/efi`,
+/// kubelet's dir and hostDir, with the devices they sit on).
+pub fn os_devices(inv: &Inventory, cfg: &Config) -> Vec<String> {
+    inv.devices_under_paths(&[
+        PathBuf::from("/"),
+        PathBuf::from("/boot"),
+        PathBuf::from("/boot/efi"),
+        cfg.kubelet_dir.clone(),
+        cfg.host_dir.clone(),
+    ])
+}
+
+/// Why a discovery-dir symlink to `target` is not published, if it is not.
+/// A link is the admin's word, but never for a disk in use. The plan and
+/// `disklet scan` both ask this, so scan never shows a link eligible that
+/// the agent refuses.
+pub fn link_refusal(inv: &Inventory, os_devices: &[String], target: &Path) -> Option<String> {
+    match inv.devices.iter().find(|d| d.devnode == target) {
+        None => Some("not a known block device".to_string()),
+        Some(d) if os_devices.contains(&d.name) => Some("an OS disk".into()),
+        Some(d) if !d.holders.is_empty() => Some(format!("held by {}", d.holders.join(", "))),
+        Some(d) if !d.partitions.is_empty() => Some("partitioned".into()),
+        Some(d) if inv.mounts_of(d).next().is_some() => Some("mounted".into()),
+        Some(d) if inv.swaps_of(d).next().is_some() => Some("active swap".into()),
+        Some(_) => None,
+    }
+}
+
 fn class_of<'a>(classes: &'a Classes, name: &str) -> Option<&'a Class> {
     classes
         .classes
@@ -370,36 +398,27 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
     }
 
-    let os_devices = input.inv.devices_under_paths(&[
-        PathBuf::from("/"),
-        PathBuf::from("/boot"),
-        PathBuf::from("/boot/efi"),
-        input.cfg.kubelet_dir.clone(),
-        input.cfg.host_dir.clone(),
-    ]);
+    let os_devices = os_devices(input.inv, input.cfg);
     for e in input.dirs {
         let Some(class) = class_of(input.classes, &e.class) else {
             continue;
         };
+        if let Some(why) = &e.warning {
+            actions.push(report(
+                true,
+                "DiscoveryEntryRefused",
+                // Quoted: the name may hold the control characters that
+                // are the reason.
+                format!("{:?}: {why}; not publishing it", e.path),
+            ));
+            continue;
+        }
         let capacity = match (&e.kind, class.volume_mode) {
             (DirEntryKind::MountPoint { capacity_bytes, .. }, VolumeMode::Filesystem) => {
                 *capacity_bytes
             }
             (DirEntryKind::BlockLink { size_bytes, target }, VolumeMode::Block) => {
-                // A link is the admin's word, but never for a disk in use.
-                let dev = input.inv.devices.iter().find(|d| &d.devnode == target);
-                let in_use = match dev {
-                    None => Some("not a known block device".to_string()),
-                    Some(d) if os_devices.contains(&d.name) => Some("an OS disk".into()),
-                    Some(d) if !d.holders.is_empty() => {
-                        Some(format!("held by {}", d.holders.join(", ")))
-                    }
-                    Some(d) if !d.partitions.is_empty() => Some("partitioned".into()),
-                    Some(d) if input.inv.mounts_of(d).next().is_some() => Some("mounted".into()),
-                    Some(d) if input.inv.swaps_of(d).next().is_some() => Some("active swap".into()),
-                    Some(_) => None,
-                };
-                if let Some(why) = in_use {
+                if let Some(why) = link_refusal(input.inv, &os_devices, target) {
                     actions.push(report(
                         true,
                         "DiscoveryLinkRefused",

@@ -233,6 +233,29 @@ impl Udevd {
     pub fn settle() {
         sh(&["udevadm", "settle", "--timeout=30"]);
     }
+
+    /// Makes udevd process `loops` (and their partitions) again, and waits
+    /// for it. A `settle` alone races: udevd learns of a write (mkfs) only
+    /// through its inotify watch, which it sets when it first processes the
+    /// device; a write that closed before that left a stale record.
+    pub fn reprocess(loops: &[&Loop]) {
+        let mut paths = Vec::new();
+        for l in loops {
+            let sys = Path::new("/sys/class/block").join(l.name());
+            paths.push(sys.display().to_string());
+            if let Ok(rd) = std::fs::read_dir(&sys) {
+                for e in rd.flatten() {
+                    if e.path().join("partition").exists() {
+                        paths.push(e.path().display().to_string());
+                    }
+                }
+            }
+        }
+        let mut args = vec!["trigger", "--action=change", "--settle"];
+        args.extend(paths.iter().map(String::as_str));
+        let st = Command::new("udevadm").args(&args).status().unwrap();
+        assert!(st.success(), "udevadm {args:?}");
+    }
 }
 
 impl Drop for Udevd {
