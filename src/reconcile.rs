@@ -990,14 +990,30 @@ impl Agent {
             }
             kicked = false;
             let mut passes = 0;
-            loop {
+            let stopped = loop {
                 passes += 1;
-                let result = if pvs_listed().await {
-                    let pvs: Vec<PersistentVolume> =
-                        store.state().iter().map(|p| (**p).clone()).collect();
-                    self.reconcile(&pvs).await
-                } else {
-                    Err(ReconcileError::PvsNotListed)
+                let pass = async {
+                    if pvs_listed().await {
+                        let pvs: Vec<PersistentVolume> =
+                            store.state().iter().map(|p| (**p).clone()).collect();
+                        self.reconcile(&pvs).await
+                    } else {
+                        Err(ReconcileError::PvsNotListed)
+                    }
+                };
+                // A stop is not made to wait for the pass: with a hung API
+                // each of its calls would wait out its 60 s deadline, past
+                // any grace period. The pass is dropped at its next await,
+                // which is always between steps: a host step (mkfs, wipe,
+                // mount) runs to its end inside one poll (`block_in_place`).
+                // What is left undone is what a SIGKILL would leave, and the
+                // next agent finishes it (tests/crash_points.rs).
+                let result = tokio::select! {
+                    r = pass => r,
+                    _ = &mut shutdown => {
+                        info!("stopping in the middle of a pass; the next start finishes its work");
+                        break true;
+                    }
                 };
                 match result {
                     Ok(o) => {
@@ -1011,7 +1027,7 @@ impl Agent {
                             info!(actions = o.actions, "ready: first reconcile done");
                         }
                         if !o.host_changed || passes >= 5 {
-                            break;
+                            break false;
                         }
                     }
                     Err(e) => {
@@ -1025,9 +1041,12 @@ impl Agent {
                         warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed");
                         wake_at = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(30));
-                        break;
+                        break false;
                     }
                 }
+            };
+            if stopped {
+                break;
             }
         }
         watch.abort();

@@ -463,3 +463,64 @@ async fn a_withdrawal_never_deletes_a_pv_bound_meanwhile() {
     );
     drop(agent);
 }
+
+/// SIGTERM while a pass waits on a hung API call (the Node GET held 120 s
+/// by the server): the agent stops at once, not after the call's 60 s
+/// deadline (a DaemonSet rollout would SIGKILL it after its 30 s grace
+/// anyway), exits 0, and leaves its mount and PV as they were. Catches: a
+/// stop that waits for the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_call_stops_at_once() {
+    if skip_unless_root("sigterm_during_a_hung_call_stops_at_once") {
+        return;
+    }
+    let Published {
+        mut agent,
+        _sweep,
+        _a,
+        before,
+        env,
+    } = one_disk_published().await;
+    let mounts = MountSweeper::mounts_under(&env.path().join("hostdir"));
+    assert_eq!(mounts.len(), 1);
+    env.server.faults().inject(
+        FaultRule::always(FaultAction::Latency { millis: 120_000 })
+            .verb(Verb::Get)
+            .resource("nodes")
+            .times(1),
+    );
+    // A new disk starts a pass; its first call, the Node GET, hangs. The
+    // rule is used up when the server starts holding that request.
+    let _b = Loop::new(&env.path().join("disks"), "b", 320);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !env.server.faults().rules().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pass reached the API"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.wait_exit();
+    let took = t0.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM, mid-call");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "stopped only after {took:?}: the stop waited for the hung call"
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("stopping in the middle of a pass"), "{log}");
+    assert_eq!(
+        MountSweeper::mounts_under(&env.path().join("hostdir")),
+        mounts,
+        "mounts left in place"
+    );
+    let after = env.pvs().list(&Default::default()).await.unwrap().items;
+    unchanged(&before[0], &after, 1);
+}
