@@ -293,6 +293,7 @@ impl Agent {
                 let r = tokio::task::block_in_place(|| {
                     format_safely(
                         &device,
+                        &observed.inv.devices,
                         &fingerprint,
                         &class,
                         fs,

@@ -20,6 +20,8 @@ struct Setup {
     devices: SysfsDevices,
     prober: BlkidProber,
     tables: ProcTables,
+    /// The devices of the last plan, as the agent hands them to the format.
+    seen: std::cell::RefCell<Vec<disklet::model::Device>>,
 }
 
 fn setup(dir: &std::path::Path) -> Setup {
@@ -35,6 +37,7 @@ fn setup(dir: &std::path::Path) -> Setup {
         classes,
         devices: SysfsDevices::default(),
         prober: BlkidProber::default(),
+        seen: Default::default(),
     }
 }
 
@@ -56,6 +59,7 @@ impl Setup {
             .iter()
             .position(|d| d.devnode == lp.dev)
             .unwrap();
+        self.seen.replace(inv.devices.clone());
         (
             Fingerprint::of(&inv.devices[i], &inv),
             decisions[i].verdict.clone(),
@@ -70,6 +74,7 @@ impl Setup {
     ) -> Result<String, FormatError> {
         format_safely(
             &lp.name(),
+            &self.seen.borrow(),
             fp,
             "t",
             FsType::Xfs,
@@ -179,6 +184,7 @@ fn every_change_after_planning_stops_the_format() {
         eprintln!("note: the kernel gave the replacement another loop name; the stale plan targets a gone device");
         let e = format_safely(
             name.trim_start_matches("/dev/"),
+            &s.seen.borrow(),
             &fp_e,
             "t",
             FsType::Xfs,
@@ -213,6 +219,63 @@ fn every_change_after_planning_stops_the_format() {
         "the ext4 put there after planning is intact"
     );
     assert_eq!(blkid(f.path(), "TYPE"), "btrfs");
+}
+
+#[test]
+fn a_twin_that_appears_after_the_plan_stops_the_format() {
+    if skip_unless_root("format interlocks: twins") {
+        return;
+    }
+    // The format reuses the plan's listing for devices that did not change;
+    // a copy of the disk appearing in between must still be seen.
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path());
+    let rec = RecordingFormatter::default();
+
+    // A second loop over the same file: a new kernel name.
+    let a = blank(dir.path(), "a");
+    let (fp, v) = s.plan(&a);
+    assert_eq!(v, Verdict::Eligible);
+    let twin = Loop::new(dir.path(), "a", 320);
+    twin.assert_ours();
+    let e = s.format(&a, &fp, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+    assert!(
+        e.to_string().contains("duplicate-identity") && e.to_string().contains(twin.path()),
+        "{e}"
+    );
+    drop(twin);
+
+    // A device the plan listed, detached and attached again to the same file
+    // under its old name: a name the listing knew, with a new medium.
+    let b = blank(dir.path(), "b");
+    let mut reattached = None;
+    for attempt in 0..5 {
+        let other = blank(dir.path(), &format!("other{attempt}"));
+        let (fp_b, v) = s.plan(&b);
+        assert_eq!(v, Verdict::Eligible);
+        let name = other.path().to_string();
+        drop(other);
+        if let Some(twin) = Loop::attach_at(&name, &b.file) {
+            reattached = Some((twin, fp_b));
+            break;
+        }
+        eprintln!("note: {name} was taken by another test between detach and attach; again");
+    }
+    let (twin, fp_b) = reattached.expect("no loop node could be re-attached in 5 tries");
+    twin.assert_ours();
+    let e = s.format(&b, &fp_b, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+    assert!(
+        e.to_string().contains("duplicate-identity") && e.to_string().contains(twin.path()),
+        "{e}"
+    );
+
+    assert!(
+        rec.calls().is_empty(),
+        "mkfs must never have been called: {:?}",
+        rec.calls()
+    );
 }
 
 #[test]

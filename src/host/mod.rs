@@ -43,6 +43,20 @@ pub enum HostError {
 /// of the contents).
 pub trait BlockDevices {
     fn list(&self) -> Result<Vec<Device>, HostError>;
+
+    /// A listing as fresh as [`list`](Self::list) where it matters for
+    /// `fresh`: that device is read again whole, and so is every other device
+    /// that is new or whose medium changed since `previous` was listed (a new
+    /// diskseq, or for devices without one a new device number); the others
+    /// are taken from `previous`. A twin that appears (a second path, a loop
+    /// attached to the same file) is always seen; what can be stale is only
+    /// the state of an unchanged other device, which no decision about
+    /// `fresh` rests on (its own holders, partitions, size and udev record
+    /// are read again). The default lists everything.
+    fn relist(&self, previous: &[Device], fresh: &str) -> Result<Vec<Device>, HostError> {
+        let _ = (previous, fresh);
+        self.list()
+    }
 }
 
 /// Reads device contents, read-only.

@@ -132,9 +132,11 @@ impl SysfsDevices {
                 .map(|n| n.to_string_lossy().into_owned());
             parent_dir
         } else {
+            // The kernel names a partition after its disk (`sda1`,
+            // `nvme0n1p1`): only those entries are worth a stat.
             d.partitions = dir_names(&dir)
                 .into_iter()
-                .filter(|n| dir.join(n).join("partition").exists())
+                .filter(|n| n.starts_with(name) && dir.join(n).join("partition").exists())
                 .collect();
             dir.clone()
         };
@@ -148,8 +150,8 @@ impl SysfsDevices {
     }
 }
 
-impl BlockDevices for SysfsDevices {
-    fn list(&self) -> Result<Vec<Device>, HostError> {
+impl SysfsDevices {
+    fn names(&self) -> Result<Vec<String>, HostError> {
         let class = self.sys.join("class/block");
         let names = fs::read_dir(&class).map_err(|source| HostError::ListDevices {
             path: class.clone(),
@@ -160,55 +162,95 @@ impl BlockDevices for SysfsDevices {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        let udev_active = self.udev.active();
-        let mut out = Vec::new();
-        for name in names {
-            let Some(mut d) = self.read_device(&name) else {
-                continue;
-            };
-            // A loop device with nothing attached is not a disk at all.
-            if d.kind == DeviceKind::Loop && d.size_bytes == 0 && d.loop_backing_file.is_none() {
-                continue;
-            }
-            // Links come only from udevd's record of this very device: the
-            // symlinks under /dev/disk outlive a dead udevd and can name a
-            // device that has since taken over the kernel name.
-            d.udev = if !udev_active {
-                UdevState::NotRunning
-            } else {
-                match self.udev.record(d.devno) {
-                    None => UdevState::NotProcessed,
-                    // A record of an earlier medium under the same number
-                    // (a loop re-attached, media changed) is not this device's.
-                    Some(rec)
-                        if d.diskseq.is_some()
-                            && rec
-                                .properties
-                                .get("DISKSEQ")
-                                .is_some_and(|s| s.parse::<u64>().ok() != d.diskseq) =>
-                    {
-                        UdevState::NotProcessed
-                    }
-                    Some(rec) => {
-                        // Keep only links that lead to this very device now.
-                        d.links = rec
-                            .links
-                            .into_iter()
-                            .filter(|l| {
-                                let here = self.dev.join(l.strip_prefix("/dev").unwrap_or(l));
-                                fs::canonicalize(here).is_ok_and(|t| t == d.devnode)
-                            })
-                            .collect();
-                        UdevState::Processed {
-                            properties: rec.properties,
-                        }
+        Ok(names)
+    }
+
+    /// One device as [`list`](BlockDevices::list) shows it, or `None` when
+    /// it is gone or is no disk at all (a loop with nothing attached).
+    fn device(&self, name: &str, udev_active: bool) -> Option<Device> {
+        let mut d = self.read_device(name)?;
+        // A loop device with nothing attached is not a disk at all.
+        if d.kind == DeviceKind::Loop && d.size_bytes == 0 && d.loop_backing_file.is_none() {
+            return None;
+        }
+        // Links come only from udevd's record of this very device: the
+        // symlinks under /dev/disk outlive a dead udevd and can name a
+        // device that has since taken over the kernel name.
+        d.udev = if !udev_active {
+            UdevState::NotRunning
+        } else {
+            match self.udev.record(d.devno) {
+                None => UdevState::NotProcessed,
+                // A record of an earlier medium under the same number
+                // (a loop re-attached, media changed) is not this device's.
+                Some(rec)
+                    if d.diskseq.is_some()
+                        && rec
+                            .properties
+                            .get("DISKSEQ")
+                            .is_some_and(|s| s.parse::<u64>().ok() != d.diskseq) =>
+                {
+                    UdevState::NotProcessed
+                }
+                Some(rec) => {
+                    // Keep only links that lead to this very device now.
+                    d.links = rec
+                        .links
+                        .into_iter()
+                        .filter(|l| {
+                            let here = self.dev.join(l.strip_prefix("/dev").unwrap_or(l));
+                            fs::canonicalize(here).is_ok_and(|t| t == d.devnode)
+                        })
+                        .collect();
+                    UdevState::Processed {
+                        properties: rec.properties,
                     }
                 }
-            };
-            d.links.sort();
-            out.push(d);
-        }
-        Ok(out)
+            }
+        };
+        d.links.sort();
+        Some(d)
+    }
+
+    /// Whether the kernel name still holds the medium `d` was read from: the
+    /// same diskseq (every attach, media change or new disk gets a new one),
+    /// or, for devices without one (partitions, kernels before 5.15), the
+    /// same device number; and for a loop, the same backing file.
+    fn same_medium(&self, d: &Device) -> bool {
+        let dir = self.sys.join("class/block").join(&d.name);
+        let same = match d.diskseq {
+            Some(seq) => {
+                read(&dir.join("diskseq")).and_then(|s| s.parse::<u64>().ok()) == Some(seq)
+            }
+            None => read(&dir.join("dev")).and_then(|s| DevNo::parse(&s)) == Some(d.devno),
+        };
+        same && (d.kind != DeviceKind::Loop
+            || read(&dir.join("loop/backing_file")).map(PathBuf::from) == d.loop_backing_file)
+    }
+}
+
+impl BlockDevices for SysfsDevices {
+    fn list(&self) -> Result<Vec<Device>, HostError> {
+        let udev_active = self.udev.active();
+        Ok(self
+            .names()?
+            .iter()
+            .filter_map(|name| self.device(name, udev_active))
+            .collect())
+    }
+
+    fn relist(&self, previous: &[Device], fresh: &str) -> Result<Vec<Device>, HostError> {
+        let udev_active = self.udev.active();
+        let previous: std::collections::HashMap<&str, &Device> =
+            previous.iter().map(|d| (d.name.as_str(), d)).collect();
+        Ok(self
+            .names()?
+            .iter()
+            .filter_map(|name| match previous.get(name.as_str()) {
+                Some(d) if name != fresh && self.same_medium(d) => Some((*d).clone()),
+                _ => self.device(name, udev_active),
+            })
+            .collect())
     }
 }
 
@@ -405,6 +447,78 @@ mod tests {
             dm.links
         );
         assert!(dm.links[0].ends_with("mapper/vg-lv"));
+    }
+
+    #[test]
+    fn a_relisting_reads_again_exactly_what_may_have_changed() {
+        let (t, s) = fixture();
+        let root = t.path();
+        let mut previous = s.list().unwrap();
+        assert_eq!(s.relist(&previous, "loop3").unwrap(), previous);
+        // Mark every entry, so a reused one can be told from one read again.
+        for d in &mut previous {
+            d.model = Some("from the plan".into());
+        }
+        let model = |devs: &[Device], name: &str| {
+            devs.iter()
+                .find(|d| d.name == name)
+                .map(|d| d.model.clone())
+        };
+        let again = s.relist(&previous, "nvme0n1").unwrap();
+        assert_eq!(
+            model(&again, "nvme0n1"),
+            Some(Some("Samsung SSD 980 1TB".into())),
+            "the device to format is always read again"
+        );
+        assert_eq!(model(&again, "dm-0"), Some(Some("from the plan".into())));
+
+        // New media under known names, a new device, a gone one.
+        let lp = root.join("sys/devices/virtual/block/loop3");
+        fs::write(lp.join("diskseq"), "43\n").unwrap();
+        let part = root.join("sys/devices/pci0000:00/nvme/nvme0/nvme0n1/nvme0n1p1");
+        fs::write(part.join("dev"), "259:7\n").unwrap();
+        let l0 = root.join("sys/devices/virtual/block/loop0");
+        fs::write(l0.join("size"), "2048\n").unwrap();
+        fs::create_dir_all(l0.join("loop")).unwrap();
+        fs::write(l0.join("loop/backing_file"), "/tmp/new.img\n").unwrap();
+        fs::remove_file(root.join("sys/class/block/bcache0")).unwrap();
+        let again = s.relist(&previous, "nvme0n1").unwrap();
+        assert_eq!(
+            model(&again, "loop3"),
+            Some(None),
+            "new diskseq: read again"
+        );
+        let p = again.iter().find(|d| d.name == "nvme0n1p1").unwrap();
+        assert_eq!(
+            p.devno.to_string(),
+            "259:7",
+            "no diskseq: a new number is a new medium"
+        );
+        assert_eq!(
+            again
+                .iter()
+                .find(|d| d.name == "loop0")
+                .unwrap()
+                .loop_backing_file,
+            Some(PathBuf::from("/tmp/new.img")),
+            "a loop attached since is listed"
+        );
+        assert_eq!(model(&again, "bcache0"), None, "a gone device is gone");
+        assert_eq!(model(&again, "dm-0"), Some(Some("from the plan".into())));
+
+        // A loop given another file without a new diskseq is read again too.
+        let previous = s.list().unwrap();
+        fs::write(lp.join("loop/backing_file"), "/tmp/other.img\n").unwrap();
+        let again = s.relist(&previous, "nvme0n1").unwrap();
+        assert_eq!(
+            again
+                .iter()
+                .find(|d| d.name == "loop3")
+                .unwrap()
+                .loop_backing_file,
+            Some(PathBuf::from("/tmp/other.img"))
+        );
+        assert_eq!(again, s.list().unwrap());
     }
 
     #[test]

@@ -80,6 +80,22 @@ impl Loop {
         }
     }
 
+    /// Attaches `file` to the free loop node `dev` itself; `None` when the
+    /// node is taken (another test may have attached it meanwhile).
+    pub fn attach_at(dev: &str, file: &Path) -> Option<Loop> {
+        let ok = Command::new("losetup")
+            .args([dev, file.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        ok.then(|| Loop {
+            dev: PathBuf::from(dev),
+            file: file.to_path_buf(),
+            partitions: false,
+        })
+    }
+
     pub fn path(&self) -> &str {
         self.dev.to_str().unwrap()
     }
