@@ -148,7 +148,8 @@ impl Agent {
         let mut mounts = BTreeMap::new();
         for m in &inv.mounts {
             if m.mount_point.starts_with(&self.cfg.host_dir) && m.root == Path::new("/") {
-                mounts.insert(m.mount_point.clone(), dirs::mount_fact(&m.mount_point));
+                let devnode = inv.mount_device(m).map(|d| d.devnode.as_path());
+                mounts.insert(m.mount_point.clone(), dirs::mount_fact(m, devnode));
             }
         }
         Ok(Observed {

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use disklet::config::Config;
 use disklet::k8s::pv::build_pv;
@@ -246,6 +246,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
         MountFact {
             vol_dir: false,
             capacity_bytes: 5,
+            fs_bytes: None,
             vol_empty: false,
             io_error: None,
         },
@@ -257,6 +258,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
         MountFact {
             vol_dir: true,
             capacity_bytes: 99 << 30,
+            fs_bytes: None,
             vol_empty: false,
             io_error: None,
         },
@@ -275,6 +277,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
         MountFact {
             vol_dir: true,
             capacity_bytes: 99 << 30,
+            fs_bytes: None,
             vol_empty: true,
             io_error: None,
         },
@@ -616,6 +619,7 @@ fn published(phase: &str) -> (World, PersistentVolume) {
         MountFact {
             vol_dir: true,
             capacity_bytes: 99 << 30,
+            fs_bytes: None,
             vol_empty: true,
             io_error: None,
         },
@@ -801,6 +805,21 @@ fn a_disk_smaller_than_its_filesystem_is_never_offered_and_its_pvs_are_withdrawn
     assert!(
         a[0].starts_with("delete:VolumeWithdrawn:") && a[0].contains("smaller"),
         "{a:?}"
+    );
+    // A shrink that statvfs cannot show (it leaves out the filesystem's log
+    // and metadata): the superblock's size decides.
+    let (mut w, _) = published("Available");
+    w.mounts.get_mut(Path::new(TARGET)).unwrap().fs_bytes = Some(100 << 30);
+    w.inv.devices[1].size_bytes = 100 << 30;
+    assert!(
+        w.plan_all().is_empty(),
+        "exactly the filesystem's size fits"
+    );
+    w.inv.devices[1].size_bytes = (100 << 30) - 4096;
+    let a = all_kinds(&w.plan_all());
+    assert!(
+        a.len() == 1 && a[0].starts_with("delete:VolumeWithdrawn:") && a[0].contains("smaller"),
+        "one block short of the superblock's size, above statvfs's: {a:?}"
     );
     // Bound, Released (even mid-cleanup): kept, marked, never cleaned.
     for phase in ["Bound", "Released"] {

@@ -10,8 +10,9 @@ pub fn fs_capacity(path: &Path) -> Option<u64> {
     Some(st.blocks().saturating_mul(st.fragment_size()))
 }
 
-/// Facts for a mount point disklet made.
-pub fn mount_fact(mount_point: &Path) -> MountFact {
+/// Facts for a mount point disklet made, mounted from `devnode`.
+pub fn mount_fact(m: &MountEntry, devnode: Option<&Path>) -> MountFact {
+    let mount_point = m.mount_point.as_path();
     let vol = crate::plan::provision::vol_dir(mount_point);
     // A missing `vol` is normal (not made yet); any other error reading the
     // mount point or `vol` is the filesystem failing.
@@ -46,6 +47,7 @@ pub fn mount_fact(mount_point: &Path) -> MountFact {
     MountFact {
         vol_dir: vol.is_dir(),
         capacity_bytes: fs_capacity(mount_point).unwrap_or(0),
+        fs_bytes: devnode.and_then(|d| crate::host::fssize::fs_size(m, d)),
         vol_empty,
         io_error,
     }

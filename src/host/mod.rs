@@ -8,6 +8,7 @@ pub mod events;
 pub mod fake;
 pub mod files;
 pub mod format;
+pub mod fssize;
 pub mod mounter;
 pub mod mountinfo;
 pub mod probe;

@@ -12,7 +12,7 @@ pub enum MountError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("mount {dev} on {target} ({fs}) failed: {source}")]
+    #[error("mount {dev} on {target} ({fs}) failed: {source}{}", mount_hint(.source, .dev))]
     Mount {
         dev: PathBuf,
         target: PathBuf,
@@ -26,6 +26,24 @@ pub enum MountError {
         target: PathBuf,
         source: nix::errno::Errno,
     },
+}
+
+/// What the admin can do about a mount(2) error that needs one.
+fn mount_hint(e: &nix::errno::Errno, dev: &Path) -> String {
+    match e {
+        nix::errno::Errno::EUCLEAN => format!(
+            " (the filesystem is damaged, or its mkfs was cut short: an xfs whose \
+             mkfs did not finish cannot be mounted; if no claim ever used this \
+             disk, zero it (`blkdiscard -z -f {}`) and disklet formats it again, \
+             else repair it with xfs_repair or e2fsck)",
+            dev.display()
+        ),
+        nix::errno::Errno::EINVAL => " (a damaged superblock, or a mount option the \
+             filesystem rejects: check the StorageClass's mountOptions, then the \
+             filesystem with xfs_repair -n or e2fsck -n)"
+            .into(),
+        _ => String::new(),
+    }
 }
 
 pub trait Mounter: Send + Sync {

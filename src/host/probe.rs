@@ -97,6 +97,21 @@ pub fn try_exclusive(path: &Path) -> Exclusive {
     }
 }
 
+/// Runs a read of a device on a thread of its own and waits for it at most
+/// `timeout`: a read from a dead device can block for ever, and must not take
+/// the agent with it (the thread is left to finish or hang alone). `None`
+/// when the deadline passed.
+pub fn with_deadline<T: Send + 'static>(
+    timeout: Duration,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read());
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
 /// The real prober.
 #[derive(Debug, Clone)]
 pub struct BlkidProber {
@@ -132,21 +147,15 @@ impl Prober for BlkidProber {
             Err(error) => return Probe::Failed { error },
         };
         let zeroed = if signatures.is_empty() {
-            // On a thread with a deadline: a read from a dead device can hang
-            // for ever, and must not take the agent with it.
-            let (tx, rx) = std::sync::mpsc::channel();
             let (path, size) = (dev.devnode.clone(), dev.size_bytes);
-            std::thread::spawn(move || {
-                let _ = tx.send(ends_are_zero(&path, size));
-            });
-            match rx.recv_timeout(self.timeout) {
-                Ok(Ok(z)) => Some(z),
-                Ok(Err(e)) => {
+            match with_deadline(self.timeout, move || ends_are_zero(&path, size)) {
+                Some(Ok(z)) => Some(z),
+                Some(Err(e)) => {
                     return Probe::Failed {
                         error: format!("reading {}: {e}", dev.devnode.display()),
                     }
                 }
-                Err(_) => {
+                None => {
                     return Probe::Failed {
                         error: format!(
                             "reading {} did not finish within {:?}",

@@ -72,8 +72,11 @@ pub struct ScInfo {
 pub struct MountFact {
     /// `<mount>/vol` exists (only possible while mounted).
     pub vol_dir: bool,
-    /// Filesystem size in bytes (statvfs).
+    /// Filesystem size in bytes (statvfs): what a PV offers.
     pub capacity_bytes: u64,
+    /// The filesystem's own size as its superblock records it (larger than
+    /// `capacity_bytes` by the log and metadata), when it can be read.
+    pub fs_bytes: Option<u64>,
     /// `<mount>/vol` holds nothing: a new PV may be created for it.
     pub vol_empty: bool,
     /// The filesystem answers with errors (an xfs that shut down, a disk

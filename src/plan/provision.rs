@@ -132,10 +132,11 @@ pub fn stable_dev_path(dev: &Device) -> Option<PathBuf> {
 
 /// Whether a device is smaller than the filesystem mounted from it: the
 /// kernel then fails every access beyond the device's end (and refuses to
-/// mount it again). `statvfs` undercounts a filesystem (the xfs log, ext4
-/// metadata), so only a shrink below what it reports is seen.
+/// mount it again). The superblock's size when known; otherwise `statvfs`,
+/// which undercounts (the xfs log, ext4 metadata), so that only a shrink
+/// below what it reports is seen.
 pub fn shrunk(dev: &Device, fact: &MountFact) -> bool {
-    fact.capacity_bytes > dev.size_bytes
+    fact.fs_bytes.unwrap_or(fact.capacity_bytes) > dev.size_bytes
 }
 
 /// The devices the OS runs from (those under `/`, `/boot`, `/boot/efi`,
