@@ -148,8 +148,13 @@ impl Agent {
         let mut mounts = BTreeMap::new();
         for m in &inv.mounts {
             if m.mount_point.starts_with(&self.cfg.host_dir) && m.root == Path::new("/") {
-                let devnode = inv.mount_device(m).map(|d| d.devnode.as_path());
-                mounts.insert(m.mount_point.clone(), dirs::mount_fact(m, devnode));
+                let dev = inv.mount_device(m);
+                let mut fact = dirs::mount_fact(m, dev.map(|d| d.devnode.as_path()));
+                // After the filesystem's size, so that an online grow in
+                // between (disk, then filesystem) never looks like a shrink.
+                fact.device_bytes =
+                    dev.and_then(|d| crate::host::BlockDevices::size_now(&self.devices, &d.name));
+                mounts.insert(m.mount_point.clone(), fact);
             }
         }
         Ok(Observed {

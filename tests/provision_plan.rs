@@ -247,6 +247,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
             vol_dir: false,
             capacity_bytes: 5,
             fs_bytes: None,
+            device_bytes: None,
             vol_empty: false,
             io_error: None,
         },
@@ -259,6 +260,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
             vol_dir: true,
             capacity_bytes: 99 << 30,
             fs_bytes: None,
+            device_bytes: None,
             vol_empty: false,
             io_error: None,
         },
@@ -278,6 +280,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
             vol_dir: true,
             capacity_bytes: 99 << 30,
             fs_bytes: None,
+            device_bytes: None,
             vol_empty: true,
             io_error: None,
         },
@@ -620,6 +623,7 @@ fn published(phase: &str) -> (World, PersistentVolume) {
             vol_dir: true,
             capacity_bytes: 99 << 30,
             fs_bytes: None,
+            device_bytes: None,
             vol_empty: true,
             io_error: None,
         },
@@ -821,6 +825,10 @@ fn a_disk_smaller_than_its_filesystem_is_never_offered_and_its_pvs_are_withdrawn
         a.len() == 1 && a[0].starts_with("delete:VolumeWithdrawn:") && a[0].contains("smaller"),
         "one block short of the superblock's size, above statvfs's: {a:?}"
     );
+    // Disk and filesystem grown while the pass ran: the listing's size is
+    // older than the filesystem's; the size read after it decides.
+    w.mounts.get_mut(Path::new(TARGET)).unwrap().device_bytes = Some(120 << 30);
+    assert!(w.plan_all().is_empty(), "an online grow is no shrink");
     // Bound, Released (even mid-cleanup): kept, marked, never cleaned.
     for phase in ["Bound", "Released"] {
         let (mut w, pv) = published(phase);

@@ -48,6 +48,7 @@ pub fn mount_fact(m: &MountEntry, devnode: Option<&Path>) -> MountFact {
         vol_dir: vol.is_dir(),
         capacity_bytes: fs_capacity(mount_point).unwrap_or(0),
         fs_bytes: devnode.and_then(|d| crate::host::fssize::fs_size(m, d)),
+        device_bytes: None,
         vol_empty,
         io_error,
     }

@@ -20,12 +20,15 @@ const READ_DEADLINE: Duration = Duration::from_secs(10);
 pub fn fs_size(m: &MountEntry, devnode: &Path) -> Option<u64> {
     match m.fs_type.as_str() {
         "xfs" => xfs_size(&m.mount_point),
-        "ext2" | "ext3" | "ext4" => {
-            let dev = devnode.to_path_buf();
-            crate::host::probe::with_deadline(READ_DEADLINE, move || ext_size(&dev)).flatten()
-        }
+        "ext2" | "ext3" | "ext4" => ext_size_bounded(devnode),
         _ => None,
     }
+}
+
+/// [`ext_size`] within [`READ_DEADLINE`]; `None` past it.
+fn ext_size_bounded(devnode: &Path) -> Option<u64> {
+    let dev = devnode.to_path_buf();
+    crate::host::probe::one_read_within(devnode, READ_DEADLINE, move || ext_size(&dev))
 }
 
 /// `struct xfs_fsop_geom_v1` of `<xfs/xfs_fs.h>` (version 1 of the geometry

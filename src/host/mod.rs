@@ -47,9 +47,10 @@ pub trait BlockDevices {
 
     /// A listing as fresh as [`list`](Self::list) where it matters for
     /// `fresh`: that device is read again whole, and so is every other device
-    /// that is new or whose medium changed since `previous` was listed (a new
-    /// diskseq, or for devices without one a new device number); the others
-    /// are taken from `previous`. A twin that appears (a second path, a loop
+    /// that is new, has no diskseq to tell its medium by (partitions, kernels
+    /// before 5.15), or whose medium changed since `previous` was listed (a
+    /// new diskseq; for a loop, another backing file); the others are taken
+    /// from `previous`. A twin that appears (a second path, a loop
     /// attached to the same file) is always seen; what can be stale is only
     /// the state of an unchanged other device, which no decision about
     /// `fresh` rests on (its own holders, partitions, size and udev record
@@ -57,6 +58,13 @@ pub trait BlockDevices {
     fn relist(&self, previous: &[Device], fresh: &str) -> Result<Vec<Device>, HostError> {
         let _ = (previous, fresh);
         self.list()
+    }
+
+    /// A device's size in bytes as the kernel reports it now (`None`: not
+    /// known here; the listing's size is used).
+    fn size_now(&self, name: &str) -> Option<u64> {
+        let _ = name;
+        None
     }
 }
 

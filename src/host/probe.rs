@@ -101,7 +101,7 @@ pub fn try_exclusive(path: &Path) -> Exclusive {
 /// `timeout`: a read from a dead device can block for ever, and must not take
 /// the agent with it (the thread is left to finish or hang alone). `None`
 /// when the deadline passed.
-pub fn with_deadline<T: Send + 'static>(
+fn with_deadline<T: Send + 'static>(
     timeout: Duration,
     read: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
@@ -110,6 +110,34 @@ pub fn with_deadline<T: Send + 'static>(
         let _ = tx.send(read());
     });
     rx.recv_timeout(timeout).ok()
+}
+
+/// Devices with a read started by [`one_read_within`] that has not returned.
+static READING: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Runs `read` of `dev` on a thread with a deadline, unless the last read
+/// of `dev` has not returned yet: one stuck thread (and one open
+/// descriptor) per dead disk however many passes run, and no pass waits
+/// for it twice.
+pub fn one_read_within<T: Send + 'static>(
+    dev: &Path,
+    deadline: Duration,
+    read: impl FnOnce() -> Option<T> + Send + 'static,
+) -> Option<T> {
+    let key = dev.to_path_buf();
+    let first = READING.lock().is_ok_and(|mut r| r.insert(key.clone()));
+    if !first {
+        return None;
+    }
+    with_deadline(deadline, move || {
+        let out = read();
+        if let Ok(mut r) = READING.lock() {
+            r.remove(&key);
+        }
+        out
+    })
+    .flatten()
 }
 
 /// The real prober.
@@ -148,7 +176,9 @@ impl Prober for BlkidProber {
         };
         let zeroed = if signatures.is_empty() {
             let (path, size) = (dev.devnode.clone(), dev.size_bytes);
-            match with_deadline(self.timeout, move || ends_are_zero(&path, size)) {
+            match one_read_within(&dev.devnode, self.timeout, move || {
+                Some(ends_are_zero(&path, size))
+            }) {
                 Some(Ok(z)) => Some(z),
                 Some(Err(e)) => {
                     return Probe::Failed {
@@ -158,7 +188,7 @@ impl Prober for BlkidProber {
                 None => {
                     return Probe::Failed {
                         error: format!(
-                            "reading {} did not finish within {:?}",
+                            "reading {} did not finish within {:?} (or an earlier read of it still hangs)",
                             dev.devnode.display(),
                             self.timeout
                         ),
@@ -180,6 +210,37 @@ impl Prober for BlkidProber {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_read_that_hangs_is_not_started_again_until_it_returns() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let dev = Path::new("/dev/disklet-test-hanging");
+        let started = Arc::new(AtomicUsize::new(0));
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let s = started.clone();
+        let r = one_read_within(dev, Duration::from_millis(20), move || {
+            s.fetch_add(1, Ordering::SeqCst);
+            hung.recv().ok().map(|_| 1u64)
+        });
+        assert_eq!(r, None, "past the deadline");
+        let s = started.clone();
+        let r = one_read_within(dev, Duration::from_secs(5), move || {
+            s.fetch_add(1, Ordering::SeqCst);
+            Some(2u64)
+        });
+        assert_eq!(r, None, "still hanging: not read again");
+        assert_eq!(started.load(Ordering::SeqCst), 1, "no second thread");
+        release.send(()).unwrap();
+        // The hung read returns on its thread; then the device is read again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while READING.lock().unwrap().contains(dev) {
+            assert!(std::time::Instant::now() < deadline, "never returned");
+            std::thread::yield_now();
+        }
+        let r = one_read_within(dev, Duration::from_secs(5), || Some(3u64));
+        assert_eq!(r, Some(3));
+    }
 
     #[test]
     fn parses_wipefs_json() {

@@ -213,19 +213,19 @@ impl SysfsDevices {
     }
 
     /// Whether the kernel name still holds the medium `d` was read from: the
-    /// same diskseq (every attach, media change or new disk gets a new one),
-    /// or, for devices without one (partitions, kernels before 5.15), the
-    /// same device number; and for a loop, the same backing file.
+    /// same diskseq (every attach, media change or new disk gets a new one;
+    /// a device number and a kernel name are handed out again at once), and
+    /// for a loop the same backing file. A device without a diskseq (a
+    /// partition, whose identity is its disk's; any device before Linux
+    /// 5.15) cannot be told by anything short of reading it again: never.
     fn same_medium(&self, d: &Device) -> bool {
         let dir = self.sys.join("class/block").join(&d.name);
-        let same = match d.diskseq {
-            Some(seq) => {
-                read(&dir.join("diskseq")).and_then(|s| s.parse::<u64>().ok()) == Some(seq)
-            }
-            None => read(&dir.join("dev")).and_then(|s| DevNo::parse(&s)) == Some(d.devno),
+        let Some(seq) = d.diskseq else {
+            return false;
         };
-        same && (d.kind != DeviceKind::Loop
-            || read(&dir.join("loop/backing_file")).map(PathBuf::from) == d.loop_backing_file)
+        read(&dir.join("diskseq")).and_then(|s| s.parse::<u64>().ok()) == Some(seq)
+            && (d.kind != DeviceKind::Loop
+                || read(&dir.join("loop/backing_file")).map(PathBuf::from) == d.loop_backing_file)
     }
 }
 
@@ -237,6 +237,12 @@ impl BlockDevices for SysfsDevices {
             .iter()
             .filter_map(|name| self.device(name, udev_active))
             .collect())
+    }
+
+    fn size_now(&self, name: &str) -> Option<u64> {
+        read(&self.sys.join("class/block").join(name).join("size"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|s| s.saturating_mul(512))
     }
 
     fn relist(&self, previous: &[Device], fresh: &str) -> Result<Vec<Device>, HostError> {
@@ -302,6 +308,7 @@ mod tests {
         w(&format!("{dm}/dev"), "253:0\n");
         w(&format!("{dm}/size"), "1024\n");
         w(&format!("{dm}/dm/name"), "vg-lv\n");
+        w(&format!("{dm}/diskseq"), "7\n");
         fs::create_dir_all(root.join(format!("{dm}/slaves/nvme0n1p1"))).unwrap();
         fs::create_dir_all(root.join("sys/class/block")).unwrap();
         for (n, target) in [
@@ -489,10 +496,11 @@ mod tests {
             "new diskseq: read again"
         );
         let p = again.iter().find(|d| d.name == "nvme0n1p1").unwrap();
+        assert_eq!(p.devno.to_string(), "259:7");
         assert_eq!(
-            p.devno.to_string(),
-            "259:7",
-            "no diskseq: a new number is a new medium"
+            p.model.as_deref(),
+            Some("Samsung SSD 980 1TB"),
+            "no diskseq (a partition): always read again"
         );
         assert_eq!(
             again

@@ -77,12 +77,24 @@ pub struct MountFact {
     /// The filesystem's own size as its superblock records it (larger than
     /// `capacity_bytes` by the log and metadata), when it can be read.
     pub fs_bytes: Option<u64>,
+    /// The device's size, read after `fs_bytes`: a disk grown and then its
+    /// filesystem grown while the pass ran (an online grow) is never taken
+    /// for a disk smaller than its filesystem.
+    pub device_bytes: Option<u64>,
     /// `<mount>/vol` holds nothing: a new PV may be created for it.
     pub vol_empty: bool,
     /// The filesystem answers with errors (an xfs that shut down, a disk
     /// failing under it): nothing is published on it, and its PV is
     /// withdrawn (Available) or marked (claimed).
     pub io_error: Option<String>,
+}
+
+impl MountFact {
+    /// The filesystem's size: the superblock's when known, else what
+    /// `statvfs` counts (less, by the log and metadata).
+    pub fn fs_size(&self) -> u64 {
+        self.fs_bytes.unwrap_or(self.capacity_bytes)
+    }
 }
 
 /// An entry of a discovery dir.

@@ -136,7 +136,7 @@ pub fn stable_dev_path(dev: &Device) -> Option<PathBuf> {
 /// which undercounts (the xfs log, ext4 metadata), so that only a shrink
 /// below what it reports is seen.
 pub fn shrunk(dev: &Device, fact: &MountFact) -> bool {
-    fact.fs_bytes.unwrap_or(fact.capacity_bytes) > dev.size_bytes
+    fact.fs_size() > fact.device_bytes.unwrap_or(dev.size_bytes)
 }
 
 /// The devices the OS runs from (those under `/`, `/boot`, `/boot/efi`,
@@ -366,9 +366,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                                 format!(
                                     "{} ({} bytes) is smaller than its filesystem at {} ({} bytes); not publishing it",
                                     dev.devnode.display(),
-                                    dev.size_bytes,
+                                    f.device_bytes.unwrap_or(dev.size_bytes),
                                     target.display(),
-                                    f.capacity_bytes
+                                    f.fs_size()
                                 ),
                             ));
                         }

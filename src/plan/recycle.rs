@@ -185,7 +185,9 @@ pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
                         "shrunk",
                         format!(
                             "/dev/{} ({} bytes) is smaller than its filesystem ({} bytes)",
-                            dev.name, dev.size_bytes, f.capacity_bytes
+                            dev.name,
+                            f.device_bytes.unwrap_or(dev.size_bytes),
+                            f.fs_size()
                         ),
                     );
                 }
