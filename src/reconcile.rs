@@ -329,8 +329,13 @@ impl Agent {
                                 "Formatted",
                                 "Format",
                                 format!(
-                                    "formatted /dev/{device} for class {class} as {} (uuid {uuid})",
-                                    fs.as_str()
+                                    "formatted /dev/{device} for class {class} as {} (uuid {uuid}){}",
+                                    fs.as_str(),
+                                    if fingerprint.signatures.is_empty() {
+                                        ""
+                                    } else {
+                                        ", again: disklet's earlier mkfs of it never finished"
+                                    }
                                 ),
                             )
                             .await;

@@ -372,6 +372,7 @@ mod tests {
                         offset: 0,
                         uuid: None,
                         label: None,
+                        in_progress: false,
                     }],
                     zeroed: None,
                 },

@@ -52,6 +52,7 @@ fn sig(kind: &str) -> Signature {
         offset: 0,
         uuid: Some("1234".into()),
         label: None,
+        in_progress: false,
     }
 }
 
@@ -732,6 +733,7 @@ fn ours(uuid: &str) -> Device {
             offset: 0,
             uuid: Some(uuid.into()),
             label: Some(OWNER_LABEL.into()),
+            in_progress: false,
         }],
         zeroed: None,
     };
@@ -836,12 +838,14 @@ fn arb_signature() -> impl Strategy<Value = Signature> {
             "ceph_bluestore",
         ]),
         prop::option::of(prop::sample::select(vec![OWNER_LABEL, "data", ""])),
+        any::<bool>(),
     )
-        .prop_map(|(k, l)| Signature {
+        .prop_map(|(k, l, in_progress)| Signature {
             kind: k.into(),
             offset: 0,
             uuid: Some("u".into()),
             label: l.map(Into::into),
+            in_progress,
         })
 }
 
@@ -1001,7 +1005,9 @@ proptest! {
         let d = decide_in(text, &inv, "sdx", w.stable.map(Duration::from_secs));
         if d.verdict == Verdict::Eligible {
             let dev = &w.dev;
-            prop_assert!(dev.signatures().is_empty(), "signature: {:?}", dev.probe);
+            // The one signature allowed: our own mkfs.xfs that never finished.
+            let redo = disklet::plan::eligibility::unfinished_mkfs(dev.signatures()).is_some();
+            prop_assert!(dev.signatures().is_empty() || redo, "signature: {:?}", dev.probe);
             prop_assert!(matches!(dev.probe, Probe::Done { .. }), "probe not done");
             prop_assert!(dev.holders.is_empty());
             prop_assert!(dev.partitions.is_empty());
@@ -1014,7 +1020,7 @@ proptest! {
             if !permissive {
                 prop_assert_eq!(dev.kind, DeviceKind::Disk);
                 prop_assert!(!dev.removable);
-                prop_assert!(matches!(dev.probe, Probe::Done { zeroed: Some(true), .. }), "not zeroed");
+                prop_assert!(redo || matches!(dev.probe, Probe::Done { zeroed: Some(true), .. }), "not zeroed");
                 prop_assert!(dev.size_bytes >= 1 << 30 && dev.size_bytes <= 1 << 40);
             }
         }
@@ -1030,6 +1036,7 @@ proptest! {
             prop_assert_eq!(s.len(), 1);
             prop_assert!(s[0].kind == "xfs" || s[0].kind == "ext4");
             prop_assert_eq!(s[0].label.as_deref(), Some(OWNER_LABEL));
+            prop_assert!(!s[0].in_progress, "an unfinished mkfs is never mounted");
             if let Some(at) = w.mounted_at {
                 prop_assert!(at.starts_with("/var/lib/disklet") || at.starts_with("/var/lib/kubelet"));
             }
@@ -1048,4 +1055,99 @@ proptest! {
             || d.verdict == (Verdict::Pending { reason: PendingReason::UdevNotProcessed });
         prop_assert!(ok, "{:?}", d.verdict);
     }
+}
+
+/// The remains of a mkfs.xfs of disklet's that never finished (our label, the
+/// superblock still "in progress") are formatted again like a blank disk;
+/// nothing that merely resembles them is.
+#[test]
+fn only_the_remains_of_our_own_unfinished_mkfs_are_formatted_again() {
+    let unfinished = Signature {
+        label: Some(OWNER_LABEL.into()),
+        in_progress: true,
+        ..sig("xfs")
+    };
+    let with = |sigs: Vec<Signature>| {
+        let mut d = blank();
+        d.probe = Probe::Done {
+            signatures: sigs,
+            zeroed: None,
+        };
+        d
+    };
+    let settled = Some(Duration::from_secs(60));
+
+    let d = decide_in(CONFIG, &one(with(vec![unfinished.clone()])), "sdx", settled);
+    assert_eq!(d.verdict, Verdict::Eligible, "{d:?}");
+    assert!(d.detail.unwrap().contains("never finished"));
+    assert!(disklet::plan::eligibility::ownership(std::slice::from_ref(&unfinished)).is_none());
+
+    // Still settling: a mkfs by hand may be running right now.
+    let d = decide_in(
+        CONFIG,
+        &one(with(vec![unfinished.clone()])),
+        "sdx",
+        Some(Duration::ZERO),
+    );
+    assert_eq!(
+        d.verdict,
+        Verdict::Pending {
+            reason: PendingReason::Settling
+        }
+    );
+    // Held exclusively: a mkfs of a killed agent still running.
+    let mut busy = with(vec![unfinished.clone()]);
+    busy.exclusive = Exclusive::Busy;
+    assert_eq!(
+        decide_in(CONFIG, &one(busy), "sdx", settled).verdict,
+        refused(Reason::Busy)
+    );
+    // Anything else stays refused.
+    let finished = Signature {
+        in_progress: false,
+        ..unfinished.clone()
+    };
+    let cases = [
+        (
+            vec![Signature {
+                label: Some("data".into()),
+                ..unfinished.clone()
+            }],
+            "someone else's unfinished xfs",
+        ),
+        (
+            vec![Signature {
+                kind: "ext4".into(),
+                ..unfinished.clone()
+            }],
+            "not an xfs",
+        ),
+        (
+            vec![Signature {
+                offset: 4096,
+                ..unfinished.clone()
+            }],
+            "not at the start",
+        ),
+        (
+            vec![unfinished.clone(), sig("LVM2_member")],
+            "with another signature",
+        ),
+    ];
+    for (sigs, why) in cases {
+        let d = decide_in(CONFIG, &one(with(sigs)), "sdx", settled);
+        assert!(matches!(d.verdict, Verdict::Refused { .. }), "{why}: {d:?}");
+    }
+    assert!(matches!(
+        decide_in(CONFIG, &one(with(vec![finished])), "sdx", settled).verdict,
+        Verdict::Ours { .. }
+    ));
+    // A class that does not format would hand the remains to a pod.
+    let block = CONFIG.replace(
+        "    settleSeconds: 5\n",
+        "    settleSeconds: 5\n    volumeMode: Block\n",
+    );
+    assert_ne!(block, CONFIG);
+    let d = decide_in(&block, &one(with(vec![unfinished])), "sdx", settled);
+    assert_eq!(d.verdict, refused(Reason::ForeignFilesystem), "{d:?}");
 }

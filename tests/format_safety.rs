@@ -278,6 +278,101 @@ fn a_twin_that_appears_after_the_plan_stops_the_format() {
     );
 }
 
+/// Makes `lp` what a mkfs.xfs cut short leaves: an xfs with `label`, its
+/// superblock still marked "in progress". Returns its UUID.
+fn cut_short_mkfs(lp: &Loop, label: &str) -> String {
+    sh(&["mkfs.xfs", "-q", "-L", label, lp.path()]);
+    sh(&[
+        "xfs_db",
+        "-x",
+        "-c",
+        "sb 0",
+        "-c",
+        "write inprogress 1",
+        lp.path(),
+    ]);
+    blkid(lp.path(), "UUID")
+}
+
+#[test]
+fn our_own_unfinished_mkfs_is_formatted_again_and_nothing_that_resembles_it() {
+    if skip_unless_root("format over an unfinished mkfs") {
+        return;
+    }
+    if !have("xfs_db") {
+        eprintln!("skipped: xfs_db is not installed (scripts/setup-debian.sh installs xfsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path());
+    let in_progress = |lp: &Loop| disklet::host::probe::xfs_in_progress(&lp.dev).unwrap();
+
+    // Ours, cut short: seen as such by the probe, formatted again.
+    let a = blank(dir.path(), "a");
+    let torn = cut_short_mkfs(&a, "disklet");
+    let (fp, v) = s.plan(&a);
+    assert_eq!(v, Verdict::Eligible);
+    assert_eq!(fp.signatures, [("xfs".to_string(), 0)]);
+    let uuid = s.format(&a, &fp, &MkfsFormatter::default()).unwrap();
+    assert_ne!(uuid, torn);
+    assert_eq!(blkid(a.path(), "UUID"), uuid);
+    assert_eq!(blkid(a.path(), "LABEL"), "disklet");
+    assert!(!in_progress(&a), "a finished filesystem");
+    assert!(matches!(s.plan(&a).1, Verdict::Ours { .. }));
+
+    let rec = RecordingFormatter::default();
+    // The mkfs finishes after the plan (a killed agent's mkfs still ran).
+    let b = blank(dir.path(), "b");
+    let uuid_b = cut_short_mkfs(&b, "disklet");
+    let (fp_b, v) = s.plan(&b);
+    assert_eq!(v, Verdict::Eligible);
+    sh(&[
+        "xfs_db",
+        "-x",
+        "-c",
+        "sb 0",
+        "-c",
+        "write inprogress 0",
+        b.path(),
+    ]);
+    let e = s.format(&b, &fp_b, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+
+    // That mkfs still holds the disk.
+    let c = blank(dir.path(), "c");
+    let uuid_c = cut_short_mkfs(&c, "disklet");
+    let (fp_c, _) = s.plan(&c);
+    let holder = ExclusiveHolder::new(c.path());
+    let e = s.format(&c, &fp_c, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+    assert!(
+        disklet::host::format::erase_unfinished_mkfs(&c.dev, 320 << 20).is_err(),
+        "the erase itself opens the disk exclusively"
+    );
+    drop(holder);
+
+    // Someone else's unfinished xfs: refused, even with a forged plan.
+    let d = blank(dir.path(), "d");
+    let uuid_d = cut_short_mkfs(&d, "data");
+    let (fp_d, v) = s.plan(&d);
+    assert_eq!(
+        v.refused().map(|r| r.as_str()),
+        Some("foreign-filesystem"),
+        "{v:?}"
+    );
+    let e = s.format(&d, &fp_d, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+    assert!(disklet::host::format::erase_unfinished_mkfs(&d.dev, 320 << 20).is_err());
+
+    // The erase alone refuses a finished filesystem of ours.
+    assert!(disklet::host::format::erase_unfinished_mkfs(&a.dev, 320 << 20).is_err());
+
+    assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+    for (lp, uuid) in [(&a, &uuid), (&b, &uuid_b), (&c, &uuid_c), (&d, &uuid_d)] {
+        assert_eq!(&blkid(lp.path(), "UUID"), uuid, "{} untouched", lp.path());
+    }
+}
+
 #[test]
 fn mkfs_itself_never_overwrites_a_filesystem() {
     if skip_unless_root("mkfs without force") {

@@ -978,53 +978,67 @@ async fn a_filesystem_that_shuts_down_is_withdrawn_and_comes_back_after_a_remoun
 }
 
 /// A disk whose mkfs was cut short (the agent or its container killed while
-/// mkfs.xfs wrote): our label, a superblock still marked "in progress",
-/// which the kernel refuses to mount. Made here as mkfs leaves it, since a
-/// real mkfs of a loop finishes too fast to interrupt. Catches: a format
-/// run again over a filesystem that carries our label (only an admin may
-/// decide nothing is on it), a PV published for it, an agent that fails
-/// or stops; and a MountFailed that does not say what to do. Following the
-/// Event's advice (zero the disk) gets it formatted and published.
+/// mkfs.xfs wrote: our label, a superblock still marked "in progress", which
+/// the kernel never mounts), next to a finished filesystem of ours that is
+/// damaged. Made here as they are left, since a real mkfs of a loop finishes
+/// too fast to interrupt. Catches: a cut-short format left for a human, or
+/// redone over a filesystem that could hold data; a damaged one formatted,
+/// published, or reported without a way out; an agent that stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disk_whose_mkfs_was_cut_short_is_reported_never_formatted_over() {
-    if skip_unless_root("a_disk_whose_mkfs_was_cut_short_is_reported_never_formatted_over") {
+async fn a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reported() {
+    if skip_unless_root("a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reported")
+    {
         return;
     }
     if !have("xfs_db") {
-        eprintln!("SKIPPED a_disk_whose_mkfs_was_cut_short…: xfs_db (xfsprogs) not installed");
+        eprintln!("SKIPPED a_cut_short_mkfs…: xfs_db (xfsprogs) not installed");
         return;
     }
     let (env, _sweep, _binder) = setup().await;
-    let lp = Loop::new(&env.path().join("disks"), "torn", 320);
-    lp.assert_ours();
-    sh(&["mkfs.xfs", "-q", "-L", "disklet", lp.path()]);
-    sh(&[
-        "xfs_db",
-        "-x",
-        "-c",
-        "sb 0",
-        "-c",
-        "write inprogress 1",
-        lp.path(),
-    ]);
-    let torn = blkid(lp.path(), "UUID");
+    let disks = env.path().join("disks");
+    let torn = Loop::new(&disks, "torn", 320);
+    let damaged = Loop::new(&disks, "damaged", 320);
+    for (lp, field) in [(&torn, "inprogress 1"), (&damaged, "logblocks 10")] {
+        lp.assert_ours();
+        sh(&["mkfs.xfs", "-q", "-L", "disklet", lp.path()]);
+        sh(&[
+            "xfs_db",
+            "-x",
+            "-c",
+            "sb 0",
+            "-c",
+            &format!("write {field}"),
+            lp.path(),
+        ]);
+    }
+    let torn_uuid = blkid(torn.path(), "UUID");
+    let damaged_uuid = blkid(damaged.path(), "UUID");
     let agent = Agent::start(&env, "agent", "node-a", &config(env.path(), 0));
-    wait_event(&env, "Warning", "MountFailed", "mkfs was cut short").await;
-    wait_event(&env, "Warning", "MountFailed", lp.path()).await;
+
+    let pv = available(&env, 1).await.remove(0);
+    let made = blkid(torn.path(), "UUID");
+    assert_ne!(made, torn_uuid, "formatted again");
+    assert_eq!(ann(&pv, FS_UUID), Some(made.as_str()));
+    assert_eq!(ann(&pv, DEVICE_ID), Some(loop_id(&torn).as_str()));
+    assert!(path_of(&pv).is_dir(), "mounted, its vol dir there");
+    wait_event(&env, "Normal", "Formatted", "never finished").await;
+
+    wait_event(&env, "Warning", "MountFailed", damaged.path()).await;
+    wait_event(&env, "Warning", "MountFailed", "blkdiscard -z -f").await;
     passes(&agent).await;
-    assert_eq!(formats(&agent), 0, "never formatted over our own label");
-    assert_eq!(blkid(lp.path(), "UUID"), torn);
-    assert!(all_pvs(&env).await.is_empty(), "nothing published");
+    assert_eq!(formats(&agent), 1, "only the cut-short one");
+    assert_eq!(blkid(damaged.path(), "UUID"), damaged_uuid);
+    assert_eq!(all_pvs(&env).await.len(), 1, "nothing published on it");
     assert_eq!(agent.get("/healthz").0, 200, "alive");
 
     // The admin follows the Event: nothing was ever stored there.
-    sh(&["blkdiscard", "-z", "-f", lp.path()]);
-    let pv = available(&env, 1).await.remove(0);
-    assert_eq!(formats(&agent), 1);
-    let made = blkid(lp.path(), "UUID");
-    assert_ne!(made, torn);
-    assert_eq!(ann(&pv, FS_UUID), Some(made.as_str()));
-    assert!(path_of(&pv).is_dir(), "mounted, its vol dir there");
+    sh(&["blkdiscard", "-z", "-f", damaged.path()]);
+    let pvs = available(&env, 2).await;
+    assert_eq!(formats(&agent), 2);
+    assert!(pvs
+        .iter()
+        .any(|p| ann(p, DEVICE_ID) == Some(loop_id(&damaged).as_str())));
+    assert_one_pv_per_volume(&env, &[]).await;
     drop(agent);
 }
 

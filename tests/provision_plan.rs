@@ -47,6 +47,7 @@ fn ours(name: &str, minor: u32, uuid: &str) -> Device {
             offset: 0,
             uuid: Some(uuid.into()),
             label: Some(OWNER_LABEL.into()),
+            in_progress: false,
         }],
         zeroed: None,
     };
@@ -468,6 +469,7 @@ fn refused_devices_cause_no_action_only_a_report() {
             offset: 0,
             uuid: None,
             label: None,
+            in_progress: false,
         }],
         zeroed: None,
     };

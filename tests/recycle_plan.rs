@@ -40,6 +40,7 @@ fn ours(name: &str, minor: u32, uuid: &str) -> Device {
             offset: 0,
             uuid: Some(uuid.into()),
             label: Some(OWNER_LABEL.into()),
+            in_progress: false,
         }],
         zeroed: None,
     };

@@ -35,6 +35,10 @@ pub enum FormatError {
     Observe { device: String, source: HostError },
     #[error("{device}: mkfs failed: {source}")]
     Mkfs { device: String, source: CmdError },
+    #[error(
+        "{device}: cannot erase the remains of disklet's unfinished mkfs: {what}; not formatting"
+    )]
+    Erase { device: String, what: String },
 }
 
 impl FormatError {
@@ -47,6 +51,7 @@ impl FormatError {
             FormatError::NotEligible { .. } => "not-eligible",
             FormatError::Observe { .. } => "observe",
             FormatError::Mkfs { .. } => "mkfs",
+            FormatError::Erase { .. } => "erase",
         }
     }
 }
@@ -239,7 +244,27 @@ pub fn format_safely(
         });
     }
 
-    // 5. mkfs, still under the lock. It opens the device O_EXCL itself.
+    // 5. The only signature an eligible disk may carry is the remains of a
+    //    mkfs of ours that never finished; mkfs overwrites no signature, so
+    //    they are erased first, still under the lock.
+    match dev.signatures() {
+        [] => {}
+        sigs if crate::plan::eligibility::unfinished_mkfs(sigs).is_some() => {
+            erase_unfinished_mkfs(&devnode, dev.size_bytes).map_err(|what| FormatError::Erase {
+                device: device.into(),
+                what,
+            })?;
+        }
+        sigs => {
+            return Err(FormatError::NotEligible {
+                device: device.into(),
+                verdict: "eligible with signatures".into(),
+                detail: format!("{sigs:?}"),
+            })
+        }
+    }
+
+    // 6. mkfs, still under the lock. It opens the device O_EXCL itself.
     crate::failpoint::hit("format-after-lock");
     let uuid = uuid::Uuid::new_v4().to_string();
     formatter
@@ -251,6 +276,43 @@ pub fn format_safely(
     crate::failpoint::hit("format-after-mkfs");
     drop(lock);
     Ok(uuid)
+}
+
+/// Erases what an unfinished mkfs.xfs of ours left: the first and last MiB
+/// (the superblock with it), so that a kill right after this leaves a disk
+/// that is blank by every check. Through one `O_EXCL` descriptor (no mount,
+/// no holder, no other exclusive opener such as a mkfs still running from a
+/// killed agent), and only after reading, through that descriptor, that the
+/// superblock is still an xfs labelled `disklet` marked in progress.
+pub fn erase_unfinished_mkfs(devnode: &Path, size: u64) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_EXCL | nix::libc::O_CLOEXEC)
+        .open(devnode)
+        .map_err(|e| format!("open {} exclusively: {e}", devnode.display()))?;
+    let mut sb = [0u8; 512];
+    f.read_exact_at(&mut sb, 0)
+        .map_err(|e| format!("read {}: {e}", devnode.display()))?;
+    // sb_fname: 12 bytes at offset 108, NUL-padded.
+    let label = &sb[108..120];
+    let ours = label.starts_with(OWNER_LABEL.as_bytes())
+        && label[OWNER_LABEL.len()..].iter().all(|b| *b == 0);
+    if &sb[..4] != b"XFSB" || sb[crate::host::probe::XFS_INPROGRESS_OFFSET] == 0 || !ours {
+        return Err(format!(
+            "{} no longer holds an unfinished xfs labelled {OWNER_LABEL}",
+            devnode.display()
+        ));
+    }
+    let n = crate::host::probe::ZERO_CHECK_BYTES.min(size);
+    let zeros = vec![0u8; usize::try_from(n).unwrap_or(0)];
+    for off in [0, size.saturating_sub(n)] {
+        f.write_all_at(&zeros, off)
+            .map_err(|e| format!("write {}: {e}", devnode.display()))?;
+    }
+    f.sync_all()
+        .map_err(|e| format!("sync {}: {e}", devnode.display()))
 }
 
 fn diff(a: &Fingerprint, b: &Fingerprint) -> String {

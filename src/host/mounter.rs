@@ -30,18 +30,19 @@ pub enum MountError {
 
 /// What the admin can do about a mount(2) error that needs one.
 fn mount_hint(e: &nix::errno::Errno, dev: &Path) -> String {
-    match e {
-        nix::errno::Errno::EUCLEAN => format!(
-            " (the filesystem is damaged, or its mkfs was cut short: an xfs whose \
-             mkfs did not finish cannot be mounted; if no claim ever used this \
-             disk, zero it (`blkdiscard -z -f {}`) and disklet formats it again, \
-             else repair it with xfs_repair or e2fsck)",
+    let damaged = |what: &str| {
+        format!(
+            " ({what}: repair it with xfs_repair or e2fsck; if no claim ever used \
+             this disk, zero it (`blkdiscard -z -f {}`) and disklet formats it again)",
             dev.display()
+        )
+    };
+    match e {
+        nix::errno::Errno::EUCLEAN => damaged("the filesystem is damaged"),
+        nix::errno::Errno::EINVAL => damaged(
+            "a damaged superblock, or a mount option the filesystem rejects \
+             (see the StorageClass's mountOptions)",
         ),
-        nix::errno::Errno::EINVAL => " (a damaged superblock, or a mount option the \
-             filesystem rejects: check the StorageClass's mountOptions, then the \
-             filesystem with xfs_repair -n or e2fsck -n)"
-            .into(),
         _ => String::new(),
     }
 }

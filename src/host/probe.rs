@@ -56,6 +56,7 @@ pub fn parse_wipefs(text: &str) -> Result<Vec<Signature>, ParseError> {
                 offset,
                 uuid: s.uuid.filter(|u| !u.is_empty()),
                 label: s.label.filter(|l| !l.is_empty()),
+                in_progress: false,
             })
         })
         .collect()
@@ -73,6 +74,19 @@ pub fn ends_are_zero(path: &Path, size: u64) -> std::io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `sb_inprogress` of an xfs superblock (byte 126 of sector 0): set by
+/// mkfs.xfs when it starts writing, cleared as its last step.
+pub const XFS_INPROGRESS_OFFSET: usize = 126;
+
+/// Whether the primary xfs superblock of `path` is marked "mkfs in
+/// progress". `false` when there is no xfs superblock.
+pub fn xfs_in_progress(path: &Path) -> std::io::Result<bool> {
+    let f = File::open(path)?;
+    let mut sb = [0u8; 512];
+    f.read_exact_at(&mut sb, 0)?;
+    Ok(&sb[..4] == b"XFSB" && sb[XFS_INPROGRESS_OFFSET] != 0)
 }
 
 /// `O_RDONLY|O_EXCL` open: for a block device the kernel refuses it with EBUSY
@@ -167,13 +181,26 @@ impl Prober for BlkidProber {
             .arg(&dev.devnode)
             .timeout(self.timeout)
             .output();
-        let signatures = match out
+        let mut signatures = match out
             .map_err(|e| e.to_string())
             .and_then(|t| parse_wipefs(&t).map_err(|e| e.to_string()))
         {
             Ok(s) => s,
             Err(error) => return Probe::Failed { error },
         };
+        // wipefs does not say whether an xfs was ever finished; its
+        // superblock does. Unread, it counts as finished (and a mount of it
+        // fails, which is reported).
+        for s in signatures
+            .iter_mut()
+            .filter(|s| s.kind == "xfs" && s.offset == 0)
+        {
+            let path = dev.devnode.clone();
+            s.in_progress = one_read_within(&dev.devnode, self.timeout, move || {
+                xfs_in_progress(&path).ok()
+            })
+            .unwrap_or(false);
+        }
         let zeroed = if signatures.is_empty() {
             let (path, size) = (dev.devnode.clone(), dev.size_bytes);
             match one_read_within(&dev.devnode, self.timeout, move || {

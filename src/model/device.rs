@@ -92,6 +92,11 @@ pub struct Signature {
     pub offset: u64,
     pub uuid: Option<String>,
     pub label: Option<String>,
+    /// An xfs whose superblock still says "mkfs in progress"
+    /// (`sb_inprogress`): its mkfs never finished, the kernel refuses to
+    /// mount it, so nothing was ever stored in it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_progress: bool,
 }
 
 /// The coarse class of a signature, which decides the refusal reason.

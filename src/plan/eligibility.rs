@@ -235,13 +235,38 @@ fn describe(sig: &Signature) -> String {
     if let Some(u) = &sig.uuid {
         s.push_str(&format!(" uuid={u}"));
     }
+    if sig.in_progress {
+        s.push_str(" (its mkfs never finished)");
+    }
     s
 }
 
-/// Whether the signatures are exactly one disklet-owned filesystem.
+/// Whether the signatures are exactly one disklet-owned filesystem (one
+/// whose mkfs finished: the kernel refuses to mount any other).
 pub fn ownership(sigs: &[Signature]) -> Option<&Signature> {
     match sigs {
-        [s] if (s.kind == "xfs" || s.kind == "ext4") && s.label.as_deref() == Some(OWNER_LABEL) => {
+        [s] if (s.kind == "xfs" || s.kind == "ext4")
+            && s.label.as_deref() == Some(OWNER_LABEL)
+            && !s.in_progress =>
+        {
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+/// Whether the signatures are exactly the remains of a mkfs.xfs of
+/// disklet's that never finished (the agent or its container killed while
+/// it wrote): our label on an xfs whose superblock is still "in progress".
+/// The kernel never mounts such a filesystem, so nothing can have been
+/// stored in it, and it may be formatted again like a blank disk.
+pub fn unfinished_mkfs(sigs: &[Signature]) -> Option<&Signature> {
+    match sigs {
+        [s] if s.kind == "xfs"
+            && s.offset == 0
+            && s.in_progress
+            && s.label.as_deref() == Some(OWNER_LABEL) =>
+        {
             Some(s)
         }
         _ => None,
@@ -366,7 +391,13 @@ pub fn evaluate(
     }
     let mounted_by_us = owned.is_some() && inv.mounts_of(dev).next().is_some();
 
-    if owned.is_none() {
+    let fs_min = class.class.fs_type.min_size();
+    let formats = class.class.volume_mode == crate::config::VolumeMode::Filesystem
+        && !class.class.publish_fs_type;
+    // Only a class that formats redoes a format; a raw class would hand the
+    // remains to a pod.
+    let redo = formats && unfinished_mkfs(sigs).is_some();
+    if owned.is_none() && !redo {
         if let Some(pt) = sigs
             .iter()
             .find(|s| s.class() == SignatureKind::PartitionTable)
@@ -383,9 +414,8 @@ pub fn evaluate(
         if let Some(first) = sigs.first() {
             return refuse(class, Reason::ForeignFilesystem, describe(first));
         }
-        let fs_min = class.class.fs_type.min_size();
-        let formats = class.class.volume_mode == crate::config::VolumeMode::Filesystem
-            && !class.class.publish_fs_type;
+    }
+    if owned.is_none() {
         if formats && dev.size_bytes < fs_min {
             return refuse(
                 class,
@@ -416,7 +446,8 @@ pub fn evaluate(
                 );
             }
         }
-        if class.class.blank_check == crate::config::BlankCheck::Zeroed {
+        // The remains of our own mkfs are not zero, and need not be.
+        if class.class.blank_check == crate::config::BlankCheck::Zeroed && !redo {
             if let Probe::Done { zeroed: z, .. } = &dev.probe {
                 if *z != Some(true) {
                     return refuse(class, Reason::UnknownData, "no known signature, but the first or last MiB is not zero; zero them (blkdiscard) if the disk is free, or set blankCheck: signatures");
@@ -484,7 +515,9 @@ pub fn evaluate(
         None => Decision {
             class: Some(class.class.name.clone()),
             verdict: Verdict::Eligible,
-            detail: None,
+            detail: redo.then(|| {
+                "disklet's own mkfs never finished here (xfs superblock still in progress): formatting it again".into()
+            }),
         },
     }
 }
