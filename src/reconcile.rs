@@ -822,9 +822,15 @@ impl Agent {
                 crate::failpoint::hit("recycle-after-wipe");
                 if matches!(method, M::Reformat) {
                     let new_uuid = uuid::Uuid::new_v4().to_string();
-                    self.formatter
-                        .mkfs(devnode, *fs_type, &new_uuid)
-                        .map_err(|e| e.to_string())?;
+                    crate::host::format::mkfs_recorded(
+                        self.formatter.as_ref(),
+                        &self.cfg.host_dir,
+                        devnode,
+                        *fs_type,
+                        &new_uuid,
+                        &dev.intent_key(),
+                    )
+                    .map_err(|e| e.to_string())?;
                     crate::failpoint::hit("recycle-after-mkfs");
                     let target =
                         crate::plan::provision::mount_target(&self.cfg.host_dir, class, &new_uuid);

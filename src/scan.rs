@@ -177,7 +177,8 @@ pub fn decide_all_aged(
     prober: &dyn Prober,
     age: &dyn Fn(&Device) -> Option<std::time::Duration>,
 ) -> Vec<Decision> {
-    let facts = NodeFacts::new(inv, &cfg.host_dir, &cfg.kubelet_dir);
+    let facts = NodeFacts::new(inv, &cfg.host_dir, &cfg.kubelet_dir)
+        .with_intents(crate::host::intents::read(&cfg.host_dir));
     let mut out = Vec::with_capacity(inv.devices.len());
     for i in 0..inv.devices.len() {
         let a = age(&inv.devices[i]);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use disklet::config::Config;
 use disklet::model::{
-    DevNo, Device, DeviceKind, Exclusive, Inventory, MountEntry, Probe, Signature, SwapEntry,
-    UdevState, OWNER_LABEL,
+    DevNo, Device, DeviceKind, Exclusive, FormatIntent, Inventory, MountEntry, Probe, Signature,
+    SwapEntry, UdevState, OWNER_LABEL,
 };
 use disklet::plan::{evaluate, Classes, Decision, NodeFacts, PendingReason, Reason, Verdict};
 use proptest::prelude::*;
@@ -1005,9 +1005,9 @@ proptest! {
         let d = decide_in(text, &inv, "sdx", w.stable.map(Duration::from_secs));
         if d.verdict == Verdict::Eligible {
             let dev = &w.dev;
-            // The one signature allowed: our own mkfs.xfs that never finished.
-            let redo = disklet::plan::eligibility::unfinished_mkfs(dev.signatures()).is_some();
-            prop_assert!(dev.signatures().is_empty() || redo, "signature: {:?}", dev.probe);
+            // No format was recorded as started here, so not even the
+            // remains of an unfinished mkfs.xfs labelled ours qualify.
+            prop_assert!(dev.signatures().is_empty(), "signature: {:?}", dev.probe);
             prop_assert!(matches!(dev.probe, Probe::Done { .. }), "probe not done");
             prop_assert!(dev.holders.is_empty());
             prop_assert!(dev.partitions.is_empty());
@@ -1020,7 +1020,7 @@ proptest! {
             if !permissive {
                 prop_assert_eq!(dev.kind, DeviceKind::Disk);
                 prop_assert!(!dev.removable);
-                prop_assert!(redo || matches!(dev.probe, Probe::Done { zeroed: Some(true), .. }), "not zeroed");
+                prop_assert!(matches!(dev.probe, Probe::Done { zeroed: Some(true), .. }), "not zeroed");
                 prop_assert!(dev.size_bytes >= 1 << 30 && dev.size_bytes <= 1 << 40);
             }
         }
@@ -1058,13 +1058,16 @@ proptest! {
 }
 
 /// The remains of a mkfs.xfs of disklet's that never finished (our label, the
-/// superblock still "in progress") are formatted again like a blank disk;
-/// nothing that merely resembles them is.
+/// superblock still "in progress") are formatted again like a blank disk,
+/// but only when disklet recorded starting that very mkfs on that very disk:
+/// an aborted xfs_copy of one of our disks looks the same and holds data.
 #[test]
-fn only_the_remains_of_our_own_unfinished_mkfs_are_formatted_again() {
+fn only_the_remains_of_a_mkfs_disklet_recorded_starting_are_formatted_again() {
+    const UUID: &str = "6a1f3c84-3c39-4c8e-a5f0-8b1d2b7f0c11";
     let unfinished = Signature {
         label: Some(OWNER_LABEL.into()),
         in_progress: true,
+        uuid: Some(UUID.into()),
         ..sig("xfs")
     };
     let with = |sigs: Vec<Signature>| {
@@ -1075,19 +1078,50 @@ fn only_the_remains_of_our_own_unfinished_mkfs_are_formatted_again() {
         };
         d
     };
-    let settled = Some(Duration::from_secs(60));
+    let record = |uuid: &str, key: &str| FormatIntent {
+        uuid: uuid.into(),
+        device_key: key.into(),
+    };
+    let key = blank().intent_key();
+    assert_eq!(key, "name:sdx", "no identity: the kernel name");
+    let decide_with = |text: &str, d: Device, intents: Vec<FormatIntent>, stable: Duration| {
+        let inv = one(d);
+        let (cfg, c) = classes(text);
+        let facts = NodeFacts::new(&inv, &cfg.host_dir, &cfg.kubelet_dir).with_intents(intents);
+        evaluate(inv.device("sdx").unwrap(), &inv, &c, &facts, Some(stable))
+    };
+    let settled = Duration::from_secs(60);
+    let ours = || vec![record(UUID, &key)];
 
-    let d = decide_in(CONFIG, &one(with(vec![unfinished.clone()])), "sdx", settled);
+    let d = decide_with(CONFIG, with(vec![unfinished.clone()]), ours(), settled);
     assert_eq!(d.verdict, Verdict::Eligible, "{d:?}");
     assert!(d.detail.unwrap().contains("never finished"));
     assert!(disklet::plan::eligibility::ownership(std::slice::from_ref(&unfinished)).is_none());
 
-    // Still settling: a mkfs by hand may be running right now.
-    let d = decide_in(
+    // Without the record, or with a record of another mkfs or another disk:
+    // somebody else's (an aborted xfs_copy carries our label too).
+    for (intents, why) in [
+        (vec![], "no record"),
+        (
+            vec![record("0b7c1a2e-9d4f-4e3b-8a61-2f5c7d9e1b33", &key)],
+            "another filesystem",
+        ),
+        (vec![record(UUID, "wwn:0x5000c500a1b2c3d4")], "another disk"),
+    ] {
+        let d = decide_with(CONFIG, with(vec![unfinished.clone()]), intents, settled);
+        assert_eq!(
+            d.verdict,
+            refused(Reason::ForeignFilesystem),
+            "{why}: {d:?}"
+        );
+        assert!(d.detail.unwrap().contains("no record"), "{why}");
+    }
+    // Still settling.
+    let d = decide_with(
         CONFIG,
-        &one(with(vec![unfinished.clone()])),
-        "sdx",
-        Some(Duration::ZERO),
+        with(vec![unfinished.clone()]),
+        ours(),
+        Duration::ZERO,
     );
     assert_eq!(
         d.verdict,
@@ -1099,10 +1133,10 @@ fn only_the_remains_of_our_own_unfinished_mkfs_are_formatted_again() {
     let mut busy = with(vec![unfinished.clone()]);
     busy.exclusive = Exclusive::Busy;
     assert_eq!(
-        decide_in(CONFIG, &one(busy), "sdx", settled).verdict,
+        decide_with(CONFIG, busy, ours(), settled).verdict,
         refused(Reason::Busy)
     );
-    // Anything else stays refused.
+    // Anything else that resembles it stays refused, record or not.
     let finished = Signature {
         in_progress: false,
         ..unfinished.clone()
@@ -1113,7 +1147,7 @@ fn only_the_remains_of_our_own_unfinished_mkfs_are_formatted_again() {
                 label: Some("data".into()),
                 ..unfinished.clone()
             }],
-            "someone else's unfinished xfs",
+            "another label",
         ),
         (
             vec![Signature {
@@ -1135,19 +1169,25 @@ fn only_the_remains_of_our_own_unfinished_mkfs_are_formatted_again() {
         ),
     ];
     for (sigs, why) in cases {
-        let d = decide_in(CONFIG, &one(with(sigs)), "sdx", settled);
+        let d = decide_with(CONFIG, with(sigs), ours(), settled);
         assert!(matches!(d.verdict, Verdict::Refused { .. }), "{why}: {d:?}");
     }
     assert!(matches!(
-        decide_in(CONFIG, &one(with(vec![finished])), "sdx", settled).verdict,
+        decide_with(CONFIG, with(vec![finished]), ours(), settled).verdict,
         Verdict::Ours { .. }
     ));
     // A class that does not format would hand the remains to a pod.
-    let block = CONFIG.replace(
-        "    settleSeconds: 5\n",
-        "    settleSeconds: 5\n    volumeMode: Block\n",
-    );
-    assert_ne!(block, CONFIG);
-    let d = decide_in(&block, &one(with(vec![unfinished])), "sdx", settled);
-    assert_eq!(d.verdict, refused(Reason::ForeignFilesystem), "{d:?}");
+    for extra in ["    volumeMode: Block\n", "    publishFsType: true\n"] {
+        let text = CONFIG.replace(
+            "    settleSeconds: 5\n",
+            &format!("    settleSeconds: 5\n{extra}"),
+        );
+        assert_ne!(text, CONFIG);
+        let d = decide_with(&text, with(vec![unfinished.clone()]), ours(), settled);
+        assert_eq!(
+            d.verdict,
+            refused(Reason::ForeignFilesystem),
+            "{extra}: {d:?}"
+        );
+    }
 }

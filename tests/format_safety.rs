@@ -282,34 +282,47 @@ fn a_twin_that_appears_after_the_plan_stops_the_format() {
 /// superblock still marked "in progress". Returns its UUID.
 fn cut_short_mkfs(lp: &Loop, label: &str) -> String {
     sh(&["mkfs.xfs", "-q", "-L", label, lp.path()]);
-    sh(&[
-        "xfs_db",
-        "-x",
-        "-c",
-        "sb 0",
-        "-c",
-        "write inprogress 1",
-        lp.path(),
-    ]);
+    in_progress(lp, true);
     blkid(lp.path(), "UUID")
 }
 
+fn in_progress(lp: &Loop, on: bool) {
+    let w = format!("write inprogress {}", u8::from(on));
+    sh(&["xfs_db", "-x", "-c", "sb 0", "-c", &w, lp.path()]);
+}
+
+impl Setup {
+    /// What the agent wrote before the mkfs that left `uuid` on `on`.
+    fn record(&self, uuid: &str, on: &Loop) {
+        let key = format!("loop-file:{}", on.file.display());
+        disklet::host::intents::record(&self.cfg.host_dir, uuid, &key).unwrap();
+    }
+
+    fn records(&self) -> Vec<String> {
+        disklet::host::intents::read(&self.cfg.host_dir)
+            .into_iter()
+            .map(|i| i.uuid)
+            .collect()
+    }
+}
+
 #[test]
-fn our_own_unfinished_mkfs_is_formatted_again_and_nothing_that_resembles_it() {
+fn a_mkfs_of_ours_cut_short_is_formatted_again_and_nothing_that_resembles_it() {
     if skip_unless_root("format over an unfinished mkfs") {
         return;
     }
-    if !have("xfs_db") {
-        eprintln!("skipped: xfs_db is not installed (scripts/setup-debian.sh installs xfsprogs)");
+    if !have("xfs_db") || !have("xfs_copy") {
+        eprintln!("skipped: xfs_db or xfs_copy is not installed (scripts/setup-debian.sh installs xfsprogs)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let s = setup(dir.path());
-    let in_progress = |lp: &Loop| disklet::host::probe::xfs_in_progress(&lp.dev).unwrap();
+    let unfinished = |lp: &Loop| disklet::host::probe::xfs_in_progress(&lp.dev).unwrap();
 
-    // Ours, cut short: seen as such by the probe, formatted again.
+    // Ours, cut short, its start recorded: formatted again, records gone.
     let a = blank(dir.path(), "a");
     let torn = cut_short_mkfs(&a, "disklet");
+    s.record(&torn, &a);
     let (fp, v) = s.plan(&a);
     assert_eq!(v, Verdict::Eligible);
     assert_eq!(fp.signatures, [("xfs".to_string(), 0)]);
@@ -317,60 +330,98 @@ fn our_own_unfinished_mkfs_is_formatted_again_and_nothing_that_resembles_it() {
     assert_ne!(uuid, torn);
     assert_eq!(blkid(a.path(), "UUID"), uuid);
     assert_eq!(blkid(a.path(), "LABEL"), "disklet");
-    assert!(!in_progress(&a), "a finished filesystem");
+    assert!(!unfinished(&a), "a finished filesystem");
     assert!(matches!(s.plan(&a).1, Verdict::Ours { .. }));
+    assert!(s.records().is_empty(), "{:?}", s.records());
 
     let rec = RecordingFormatter::default();
-    // The mkfs finishes after the plan (a killed agent's mkfs still ran).
+    // An xfs_copy of a disk of ours that aborted: our label, "in progress",
+    // and the data. No record: never touched.
+    let src = blank(dir.path(), "src");
+    sh(&["mkfs.xfs", "-q", "-L", "disklet", src.path()]);
+    let mnt = dir.path().join("mnt-src");
+    {
+        let _m = Mounted::new(src.path(), &mnt);
+        std::fs::create_dir_all(mnt.join("vol")).unwrap();
+        std::fs::write(mnt.join("vol/tenant.db"), "tenant data").unwrap();
+    }
+    let copy = blank(dir.path(), "copy");
+    sh(&["xfs_copy", "-d", src.path(), copy.path()]);
+    drop(src); // the copy is all there is now
+    in_progress(&copy, true);
+    let uuid_copy = blkid(copy.path(), "UUID");
+    let (fp_copy, v) = s.plan(&copy);
+    assert_eq!(
+        v.refused().map(|r| r.as_str()),
+        Some("foreign-filesystem"),
+        "{v:?}"
+    );
+    let e = s.format(&copy, &fp_copy, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+
+    // A record of that very UUID, but made for another disk.
+    s.record(&uuid_copy, &a);
+    let e = s.format(&copy, &s.plan(&copy).0, &rec).unwrap_err();
+    assert_eq!(e.kind(), "not-eligible", "{e}");
+
+    // Ours, recorded, but the mkfs finishes after the plan (a killed agent's
+    // mkfs still ran).
     let b = blank(dir.path(), "b");
     let uuid_b = cut_short_mkfs(&b, "disklet");
+    s.record(&uuid_b, &b);
     let (fp_b, v) = s.plan(&b);
     assert_eq!(v, Verdict::Eligible);
-    sh(&[
-        "xfs_db",
-        "-x",
-        "-c",
-        "sb 0",
-        "-c",
-        "write inprogress 0",
-        b.path(),
-    ]);
+    in_progress(&b, false);
     let e = s.format(&b, &fp_b, &rec).unwrap_err();
     assert_eq!(e.kind(), "not-eligible", "{e}");
 
     // That mkfs still holds the disk.
     let c = blank(dir.path(), "c");
     let uuid_c = cut_short_mkfs(&c, "disklet");
+    s.record(&uuid_c, &c);
     let (fp_c, _) = s.plan(&c);
     let holder = ExclusiveHolder::new(c.path());
     let e = s.format(&c, &fp_c, &rec).unwrap_err();
     assert_eq!(e.kind(), "not-eligible", "{e}");
+    let erase = disklet::host::format::erase_unfinished_mkfs;
     assert!(
-        disklet::host::format::erase_unfinished_mkfs(&c.dev, 320 << 20).is_err(),
+        erase(&c.dev, 320 << 20, &uuid_c).is_err(),
         "the erase itself opens the disk exclusively"
     );
     drop(holder);
 
-    // Someone else's unfinished xfs: refused, even with a forged plan.
+    // The erase alone refuses anything but the unfinished xfs it was told of.
+    assert!(erase(&c.dev, 320 << 20, &uuid_b).is_err(), "another UUID");
+    assert!(erase(&a.dev, 320 << 20, &uuid).is_err(), "a finished one");
     let d = blank(dir.path(), "d");
     let uuid_d = cut_short_mkfs(&d, "data");
+    s.record(&uuid_d, &d);
+    assert!(erase(&d.dev, 320 << 20, &uuid_d).is_err(), "another label");
     let (fp_d, v) = s.plan(&d);
+    assert_eq!(v.refused().map(|r| r.as_str()), Some("foreign-filesystem"));
     assert_eq!(
-        v.refused().map(|r| r.as_str()),
-        Some("foreign-filesystem"),
-        "{v:?}"
+        s.format(&d, &fp_d, &rec).unwrap_err().kind(),
+        "not-eligible"
     );
-    let e = s.format(&d, &fp_d, &rec).unwrap_err();
-    assert_eq!(e.kind(), "not-eligible", "{e}");
-    assert!(disklet::host::format::erase_unfinished_mkfs(&d.dev, 320 << 20).is_err());
-
-    // The erase alone refuses a finished filesystem of ours.
-    assert!(disklet::host::format::erase_unfinished_mkfs(&a.dev, 320 << 20).is_err());
 
     assert!(rec.calls().is_empty(), "{:?}", rec.calls());
-    for (lp, uuid) in [(&a, &uuid), (&b, &uuid_b), (&c, &uuid_c), (&d, &uuid_d)] {
-        assert_eq!(&blkid(lp.path(), "UUID"), uuid, "{} untouched", lp.path());
+    for (lp, u) in [
+        (&a, &uuid),
+        (&b, &uuid_b),
+        (&c, &uuid_c),
+        (&d, &uuid_d),
+        (&copy, &uuid_copy),
+    ] {
+        assert_eq!(&blkid(lp.path(), "UUID"), u, "{} untouched", lp.path());
     }
+    // The copy still holds its data.
+    in_progress(&copy, false);
+    let mnt = dir.path().join("mnt-copy");
+    let _m = Mounted::new(copy.path(), &mnt);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("vol/tenant.db")).unwrap(),
+        "tenant data"
+    );
 }
 
 #[test]

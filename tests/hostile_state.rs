@@ -979,15 +979,16 @@ async fn a_filesystem_that_shuts_down_is_withdrawn_and_comes_back_after_a_remoun
 
 /// A disk whose mkfs was cut short (the agent or its container killed while
 /// mkfs.xfs wrote: our label, a superblock still marked "in progress", which
-/// the kernel never mounts), next to a finished filesystem of ours that is
-/// damaged. Made here as they are left, since a real mkfs of a loop finishes
-/// too fast to interrupt. Catches: a cut-short format left for a human, or
-/// redone over a filesystem that could hold data; a damaged one formatted,
-/// published, or reported without a way out; an agent that stops.
+/// the kernel never mounts, and the agent's record of starting it), next to
+/// an aborted copy of a disk of ours (the same on-disk state, with data, and
+/// no record) and a finished filesystem of ours that is damaged. Made here
+/// as they are left, since a real mkfs of a loop finishes too fast to
+/// interrupt. Catches: a cut-short format left for a human; a copy or a
+/// damaged filesystem formatted, published, or reported without a way out;
+/// an agent that stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reported() {
-    if skip_unless_root("a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reported")
-    {
+async fn a_cut_short_mkfs_is_formatted_again_and_look_alikes_are_left_alone() {
+    if skip_unless_root("a_cut_short_mkfs_is_formatted_again_and_look_alikes_are_left_alone") {
         return;
     }
     if !have("xfs_db") {
@@ -997,22 +998,38 @@ async fn a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reporte
     let (env, _sweep, _binder) = setup().await;
     let disks = env.path().join("disks");
     let torn = Loop::new(&disks, "torn", 320);
+    let copy = Loop::new(&disks, "copy", 320);
     let damaged = Loop::new(&disks, "damaged", 320);
-    for (lp, field) in [(&torn, "inprogress 1"), (&damaged, "logblocks 10")] {
-        lp.assert_ours();
-        sh(&["mkfs.xfs", "-q", "-L", "disklet", lp.path()]);
+    let xfs_db = |lp: &Loop, w: &str| {
         sh(&[
             "xfs_db",
             "-x",
             "-c",
             "sb 0",
             "-c",
-            &format!("write {field}"),
+            &format!("write {w}"),
             lp.path(),
         ]);
+    };
+    for lp in [&torn, &copy, &damaged] {
+        lp.assert_ours();
+        sh(&["mkfs.xfs", "-q", "-L", "disklet", lp.path()]);
     }
+    let mnt = env.path().join("mnt-copy");
+    {
+        let _m = Mounted::new(copy.path(), &mnt);
+        std::fs::create_dir_all(mnt.join("vol")).unwrap();
+        std::fs::write(mnt.join("vol/tenant.db"), "tenant data").unwrap();
+    }
+    xfs_db(&torn, "inprogress 1");
+    xfs_db(&copy, "inprogress 1");
+    xfs_db(&damaged, "logblocks 10");
     let torn_uuid = blkid(torn.path(), "UUID");
+    let copy_uuid = blkid(copy.path(), "UUID");
     let damaged_uuid = blkid(damaged.path(), "UUID");
+    // What the killed agent wrote before its mkfs of `torn`.
+    disklet::host::intents::record(&env.path().join("hostdir"), &torn_uuid, &loop_id(&torn))
+        .unwrap();
     let agent = Agent::start(&env, "agent", "node-a", &config(env.path(), 0));
 
     let pv = available(&env, 1).await.remove(0);
@@ -1023,12 +1040,14 @@ async fn a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reporte
     assert!(path_of(&pv).is_dir(), "mounted, its vol dir there");
     wait_event(&env, "Normal", "Formatted", "never finished").await;
 
+    wait_event(&env, "Normal", "DiskSkipped", "no record of starting it").await;
     wait_event(&env, "Warning", "MountFailed", damaged.path()).await;
     wait_event(&env, "Warning", "MountFailed", "blkdiscard -z -f").await;
     passes(&agent).await;
     assert_eq!(formats(&agent), 1, "only the cut-short one");
+    assert_eq!(blkid(copy.path(), "UUID"), copy_uuid);
     assert_eq!(blkid(damaged.path(), "UUID"), damaged_uuid);
-    assert_eq!(all_pvs(&env).await.len(), 1, "nothing published on it");
+    assert_eq!(all_pvs(&env).await.len(), 1, "nothing else published");
     assert_eq!(agent.get("/healthz").0, 200, "alive");
 
     // The admin follows the Event: nothing was ever stored there.
@@ -1040,6 +1059,13 @@ async fn a_cut_short_mkfs_is_formatted_again_and_a_damaged_filesystem_is_reporte
         .any(|p| ann(p, DEVICE_ID) == Some(loop_id(&damaged).as_str())));
     assert_one_pv_per_volume(&env, &[]).await;
     drop(agent);
+    // The copy still holds its data.
+    xfs_db(&copy, "inprogress 0");
+    let _m = Mounted::new(copy.path(), &mnt);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("vol/tenant.db")).unwrap(),
+        "tenant data"
+    );
 }
 
 /// A claimed PV taken out of disklet's hands (its labels removed by the

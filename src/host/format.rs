@@ -39,6 +39,8 @@ pub enum FormatError {
         "{device}: cannot erase the remains of disklet's unfinished mkfs: {what}; not formatting"
     )]
     Erase { device: String, what: String },
+    #[error("{device}: cannot record the start of mkfs ({what}); not formatting (hostDir must be writable)")]
+    Record { device: String, what: String },
 }
 
 impl FormatError {
@@ -52,6 +54,7 @@ impl FormatError {
             FormatError::Observe { .. } => "observe",
             FormatError::Mkfs { .. } => "mkfs",
             FormatError::Erase { .. } => "erase",
+            FormatError::Record { .. } => "record",
         }
     }
 }
@@ -230,7 +233,8 @@ pub fn format_safely(
         });
     }
     // 4. And the pure decision, made again on fresh data, must still say so.
-    let facts = NodeFacts::new(&inv, &cfg.host_dir, &cfg.kubelet_dir);
+    let facts = NodeFacts::new(&inv, &cfg.host_dir, &cfg.kubelet_dir)
+        .with_intents(crate::host::intents::read(&cfg.host_dir));
     let d = evaluate(dev, &inv, classes, &facts, None);
     if d.verdict != Verdict::Eligible || d.class.as_deref() != Some(class) {
         return Err(FormatError::NotEligible {
@@ -245,15 +249,22 @@ pub fn format_safely(
     }
 
     // 5. The only signature an eligible disk may carry is the remains of a
-    //    mkfs of ours that never finished; mkfs overwrites no signature, so
-    //    they are erased first, still under the lock.
+    //    mkfs of ours that never finished, whose start disklet recorded;
+    //    mkfs overwrites no signature, so they are erased first, still under
+    //    the lock.
+    let mut redone = None;
     match dev.signatures() {
         [] => {}
-        sigs if crate::plan::eligibility::unfinished_mkfs(sigs).is_some() => {
-            erase_unfinished_mkfs(&devnode, dev.size_bytes).map_err(|what| FormatError::Erase {
-                device: device.into(),
-                what,
+        sigs if let Some(old) =
+            crate::plan::eligibility::unfinished_mkfs(sigs).and_then(|s| s.uuid.clone()) =>
+        {
+            erase_unfinished_mkfs(&devnode, dev.size_bytes, &old).map_err(|what| {
+                FormatError::Erase {
+                    device: device.into(),
+                    what,
+                }
             })?;
+            redone = Some(old);
         }
         sigs => {
             return Err(FormatError::NotEligible {
@@ -267,15 +278,56 @@ pub fn format_safely(
     // 6. mkfs, still under the lock. It opens the device O_EXCL itself.
     crate::failpoint::hit("format-after-lock");
     let uuid = uuid::Uuid::new_v4().to_string();
-    formatter
-        .mkfs(&devnode, fs, &uuid)
-        .map_err(|source| FormatError::Mkfs {
-            device: device.into(),
-            source,
-        })?;
+    mkfs_recorded(
+        formatter,
+        &cfg.host_dir,
+        &devnode,
+        fs,
+        &uuid,
+        &dev.intent_key(),
+    )?;
+    if let Some(old) = redone {
+        let _ = crate::host::intents::clear(&cfg.host_dir, &old);
+    }
     crate::failpoint::hit("format-after-mkfs");
     drop(lock);
     Ok(uuid)
+}
+
+/// mkfs of filesystem `uuid` on `devnode`, its start recorded under hostDir
+/// first (`host::intents`) and the record removed once mkfs succeeded: a
+/// record left behind names a mkfs that was cut short, the one case in
+/// which disklet formats a disk carrying a signature (its own unfinished
+/// xfs) again. A failed mkfs keeps its record, so what it left can be
+/// formatted again too.
+pub fn mkfs_recorded(
+    formatter: &dyn Formatter,
+    host_dir: &Path,
+    devnode: &Path,
+    fs: FsType,
+    uuid: &str,
+    device_key: &str,
+) -> Result<(), FormatError> {
+    let device = devnode.display().to_string();
+    crate::host::intents::record(host_dir, uuid, device_key).map_err(|e| FormatError::Record {
+        device: device.clone(),
+        what: format!(
+            "{}: {e}",
+            crate::host::intents::dir(host_dir).join(uuid).display()
+        ),
+    })?;
+    formatter
+        .mkfs(devnode, fs, uuid)
+        .map_err(|source| FormatError::Mkfs {
+            device: device.clone(),
+            source,
+        })?;
+    if let Err(e) = crate::host::intents::clear(host_dir, uuid) {
+        // Harmless: the record names a finished filesystem, never formatted
+        // again; only an unfinished one with this UUID on this disk would be.
+        tracing::warn!(device, uuid, error = %e, "cannot remove the record of a finished mkfs");
+    }
+    Ok(())
 }
 
 /// Erases what an unfinished mkfs.xfs of ours left: the first and last MiB
@@ -283,8 +335,9 @@ pub fn format_safely(
 /// that is blank by every check. Through one `O_EXCL` descriptor (no mount,
 /// no holder, no other exclusive opener such as a mkfs still running from a
 /// killed agent), and only after reading, through that descriptor, that the
-/// superblock is still an xfs labelled `disklet` marked in progress.
-pub fn erase_unfinished_mkfs(devnode: &Path, size: u64) -> Result<(), String> {
+/// superblock is still an xfs labelled `disklet`, marked in progress, with
+/// the UUID `uuid` (the one disklet recorded starting).
+pub fn erase_unfinished_mkfs(devnode: &Path, size: u64, uuid: &str) -> Result<(), String> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -299,9 +352,15 @@ pub fn erase_unfinished_mkfs(devnode: &Path, size: u64) -> Result<(), String> {
     let label = &sb[108..120];
     let ours = label.starts_with(OWNER_LABEL.as_bytes())
         && label[OWNER_LABEL.len()..].iter().all(|b| *b == 0);
-    if &sb[..4] != b"XFSB" || sb[crate::host::probe::XFS_INPROGRESS_OFFSET] == 0 || !ours {
+    // sb_uuid: 16 bytes at offset 32.
+    let same_uuid = uuid::Uuid::parse_str(uuid).is_ok_and(|u| sb[32..48] == *u.as_bytes());
+    if &sb[..4] != b"XFSB"
+        || sb[crate::host::probe::XFS_INPROGRESS_OFFSET] == 0
+        || !ours
+        || !same_uuid
+    {
         return Err(format!(
-            "{} no longer holds an unfinished xfs labelled {OWNER_LABEL}",
+            "{} no longer holds the unfinished xfs {uuid} labelled {OWNER_LABEL}",
             devnode.display()
         ));
     }

@@ -9,6 +9,7 @@ pub mod fake;
 pub mod files;
 pub mod format;
 pub mod fssize;
+pub mod intents;
 pub mod mounter;
 pub mod mountinfo;
 pub mod probe;

@@ -15,5 +15,6 @@ pub use device::{
 pub use mount::{Inventory, MountEntry, SwapEntry};
 pub use quantity::{format_bytes, Quantity};
 pub use volume::{
-    DirEntry, DirEntryKind, Fingerprint, MountFact, NodeInfo, ScInfo, Volume, HOSTNAME_LABEL,
+    DirEntry, DirEntryKind, Fingerprint, FormatIntent, MountFact, NodeInfo, ScInfo, Volume,
+    HOSTNAME_LABEL,
 };

@@ -89,6 +89,14 @@ pub struct MountFact {
     pub io_error: Option<String>,
 }
 
+/// A record that disklet started a mkfs of filesystem `uuid` on the disk
+/// `device_key` ([`Device::intent_key`]); see `host::intents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatIntent {
+    pub uuid: String,
+    pub device_key: String,
+}
+
 impl MountFact {
     /// The filesystem's size: the superblock's when known, else what
     /// `statvfs` counts (less, by the log and metadata).

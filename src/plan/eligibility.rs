@@ -181,6 +181,9 @@ pub struct NodeFacts {
     os_devices: Vec<(String, PathBuf)>,
     host_dir: PathBuf,
     kubelet_dir: PathBuf,
+    /// Records of the mkfs runs disklet started on this node that did not
+    /// return (`host::intents`).
+    intents: Vec<crate::model::FormatIntent>,
 }
 
 impl NodeFacts {
@@ -203,7 +206,23 @@ impl NodeFacts {
             os_devices,
             host_dir: host_dir.to_path_buf(),
             kubelet_dir: kubelet_dir.to_path_buf(),
+            intents: Vec::new(),
         }
+    }
+
+    /// With the records of the mkfs runs disklet started and that did not
+    /// return.
+    pub fn with_intents(mut self, intents: Vec<crate::model::FormatIntent>) -> Self {
+        self.intents = intents;
+        self
+    }
+
+    /// Whether disklet itself started the mkfs that left `sig` on `dev`.
+    fn started_here(&self, sig: &Signature, dev: &Device) -> bool {
+        let key = dev.intent_key();
+        self.intents
+            .iter()
+            .any(|i| sig.uuid.as_deref() == Some(i.uuid.as_str()) && i.device_key == key)
     }
 }
 
@@ -236,7 +255,7 @@ fn describe(sig: &Signature) -> String {
         s.push_str(&format!(" uuid={u}"));
     }
     if sig.in_progress {
-        s.push_str(" (its mkfs never finished)");
+        s.push_str(" (its mkfs never finished, and disklet has no record of starting it here: an xfs_copy or mkfs by someone else?)");
     }
     s
 }
@@ -255,11 +274,12 @@ pub fn ownership(sigs: &[Signature]) -> Option<&Signature> {
     }
 }
 
-/// Whether the signatures are exactly the remains of a mkfs.xfs of
-/// disklet's that never finished (the agent or its container killed while
-/// it wrote): our label on an xfs whose superblock is still "in progress".
-/// The kernel never mounts such a filesystem, so nothing can have been
-/// stored in it, and it may be formatted again like a blank disk.
+/// Whether the signatures look like the remains of a mkfs.xfs of disklet's
+/// that never finished (the agent or its container killed while it wrote):
+/// our label on an xfs whose superblock is still "in progress". The kernel
+/// never mounts such a filesystem. An aborted xfs_copy of one of our disks
+/// looks the same and holds data: only a record that disklet started this
+/// very mkfs on this very disk (`NodeFacts::started_here`) tells them apart.
 pub fn unfinished_mkfs(sigs: &[Signature]) -> Option<&Signature> {
     match sigs {
         [s] if s.kind == "xfs"
@@ -394,9 +414,9 @@ pub fn evaluate(
     let fs_min = class.class.fs_type.min_size();
     let formats = class.class.volume_mode == crate::config::VolumeMode::Filesystem
         && !class.class.publish_fs_type;
-    // Only a class that formats redoes a format; a raw class would hand the
-    // remains to a pod.
-    let redo = formats && unfinished_mkfs(sigs).is_some();
+    // Only a class that formats redoes a format (a raw class would hand the
+    // remains to a pod), and only a format disklet recorded starting here.
+    let redo = formats && unfinished_mkfs(sigs).is_some_and(|s| facts.started_here(s, dev));
     if owned.is_none() && !redo {
         if let Some(pt) = sigs
             .iter()
@@ -516,7 +536,7 @@ pub fn evaluate(
             class: Some(class.class.name.clone()),
             verdict: Verdict::Eligible,
             detail: redo.then(|| {
-                "disklet's own mkfs never finished here (xfs superblock still in progress): formatting it again".into()
+                "disklet's own mkfs never finished here (xfs superblock still in progress, the start recorded): formatting it again".into()
             }),
         },
     }
