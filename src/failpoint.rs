@@ -9,6 +9,7 @@
 pub const POINTS: &[&str] = &[
     // Provisioning: format (under the device lock), mount, publish.
     "format-after-lock",
+    "format-after-record",
     "format-after-mkfs",
     "mount-after-mount",
     "mount-after-voldir",

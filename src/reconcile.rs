@@ -145,6 +145,20 @@ impl Agent {
                 wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
             }
         }
+        // A record of a mkfs whose filesystem is finished after all (the
+        // mkfs of a killed agent ran on to its end) has nothing left to allow.
+        for i in crate::host::intents::read(&self.cfg.host_dir) {
+            let finished = inv.devices.iter().any(|d| {
+                d.signatures()
+                    .iter()
+                    .any(|s| s.uuid.as_deref() == Some(i.uuid.as_str()) && !s.in_progress)
+            });
+            if finished {
+                if let Err(e) = crate::host::intents::clear(&self.cfg.host_dir, &i.uuid) {
+                    warn!(uuid = i.uuid, error = %e, "cannot remove the record of a finished mkfs");
+                }
+            }
+        }
         let mut mounts = BTreeMap::new();
         for m in &inv.mounts {
             if m.mount_point.starts_with(&self.cfg.host_dir) && m.root == Path::new("/") {

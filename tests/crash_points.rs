@@ -377,6 +377,36 @@ async fn provisioning_killed_at_every_step_converges() {
             disk = Some(Loop::new(&w.env.path().join("disks"), "new", 320));
         });
         let disk = disk.unwrap();
+        let hostdir = w.env.path().join("hostdir");
+        let records = disklet::host::intents::read(&hostdir);
+        if fp == "format-after-record" {
+            // Killed with the start of its mkfs recorded: the record names
+            // the disk. Make the disk what that mkfs would have left had it
+            // been killed midway (a real one finishes too fast to catch).
+            assert_eq!(records.len(), 1, "{fp}: {records:?}");
+            assert_eq!(records[0].device_key, id_of(&disk), "{fp}");
+            let u = &records[0].uuid;
+            sh(&[
+                "mkfs.xfs",
+                "-q",
+                "-L",
+                "disklet",
+                "-m",
+                &format!("uuid={u}"),
+                disk.path(),
+            ]);
+            sh(&[
+                "xfs_db",
+                "-x",
+                "-c",
+                "sb 0",
+                "-c",
+                "write inprogress 1",
+                disk.path(),
+            ]);
+        } else {
+            assert!(records.is_empty(), "{fp}: {records:?}");
+        }
         let uuid_at_crash = blkid(disk.path(), "UUID");
 
         let agent = Agent::start(&w.env, "recover", "node-a", &w.cfg);
@@ -396,7 +426,14 @@ async fn provisioning_killed_at_every_step_converges() {
         w.check_mounted(fp, &disk, pv);
         let uuid = blkid(disk.path(), "UUID");
         let formats = formatted_lines(&w.env.path().join("recover.log"), &disk.name());
-        if uuid_at_crash.is_empty() {
+        assert!(
+            disklet::host::intents::read(&hostdir).is_empty(),
+            "{fp}: no format record left"
+        );
+        if fp == "format-after-record" {
+            assert_ne!(uuid, uuid_at_crash, "{fp}: the cut-short mkfs done again");
+            assert_eq!(formats, 1, "{fp}: formatted once, after the restart");
+        } else if uuid_at_crash.is_empty() {
             assert_eq!(formats, 1, "{fp}: formatted once, after the restart");
         } else {
             assert_eq!(uuid, uuid_at_crash, "{fp}: not formatted twice");

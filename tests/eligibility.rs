@@ -1072,6 +1072,7 @@ fn only_the_remains_of_a_mkfs_disklet_recorded_starting_are_formatted_again() {
     };
     let with = |sigs: Vec<Signature>| {
         let mut d = blank();
+        d.wwid = Some("0x5000c500a1b2c3d4".into());
         d.probe = Probe::Done {
             signatures: sigs,
             zeroed: None,
@@ -1082,8 +1083,8 @@ fn only_the_remains_of_a_mkfs_disklet_recorded_starting_are_formatted_again() {
         uuid: uuid.into(),
         device_key: key.into(),
     };
-    let key = blank().intent_key();
-    assert_eq!(key, "name:sdx", "no identity: the kernel name");
+    let key = with(vec![]).intent_key();
+    assert_eq!(key, "wwn:0x5000c500a1b2c3d4");
     let decide_with = |text: &str, d: Device, intents: Vec<FormatIntent>, stable: Duration| {
         let inv = one(d);
         let (cfg, c) = classes(text);
@@ -1106,7 +1107,7 @@ fn only_the_remains_of_a_mkfs_disklet_recorded_starting_are_formatted_again() {
             vec![record("0b7c1a2e-9d4f-4e3b-8a61-2f5c7d9e1b33", &key)],
             "another filesystem",
         ),
-        (vec![record(UUID, "wwn:0x5000c500a1b2c3d4")], "another disk"),
+        (vec![record(UUID, "wwn:0x5000c500ffffffff")], "another disk"),
     ] {
         let d = decide_with(CONFIG, with(vec![unfinished.clone()]), intents, settled);
         assert_eq!(
@@ -1114,8 +1115,15 @@ fn only_the_remains_of_a_mkfs_disklet_recorded_starting_are_formatted_again() {
             refused(Reason::ForeignFilesystem),
             "{why}: {d:?}"
         );
-        assert!(d.detail.unwrap().contains("no record"), "{why}");
+        assert!(d.detail.unwrap().contains("own record"), "{why}");
     }
+    // A disk known only by its kernel name: after a reboot the name may
+    // belong to another disk, so its record allows nothing.
+    let mut nameless = with(vec![unfinished.clone()]);
+    nameless.wwid = None;
+    assert_eq!(nameless.intent_key(), "name:sdx");
+    let d = decide_with(CONFIG, nameless, vec![record(UUID, "name:sdx")], settled);
+    assert_eq!(d.verdict, refused(Reason::ForeignFilesystem), "{d:?}");
     // Still settling.
     let d = decide_with(
         CONFIG,

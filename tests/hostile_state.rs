@@ -1040,7 +1040,7 @@ async fn a_cut_short_mkfs_is_formatted_again_and_look_alikes_are_left_alone() {
     assert!(path_of(&pv).is_dir(), "mounted, its vol dir there");
     wait_event(&env, "Normal", "Formatted", "never finished").await;
 
-    wait_event(&env, "Normal", "DiskSkipped", "no record of starting it").await;
+    wait_event(&env, "Normal", "DiskSkipped", "its own record of starting").await;
     wait_event(&env, "Warning", "MountFailed", damaged.path()).await;
     wait_event(&env, "Warning", "MountFailed", "blkdiscard -z -f").await;
     passes(&agent).await;

@@ -252,27 +252,23 @@ pub fn format_safely(
     //    mkfs of ours that never finished, whose start disklet recorded;
     //    mkfs overwrites no signature, so they are erased first, still under
     //    the lock.
-    let mut redone = None;
-    match dev.signatures() {
-        [] => {}
-        sigs if let Some(old) =
-            crate::plan::eligibility::unfinished_mkfs(sigs).and_then(|s| s.uuid.clone()) =>
-        {
-            erase_unfinished_mkfs(&devnode, dev.size_bytes, &old).map_err(|what| {
-                FormatError::Erase {
-                    device: device.into(),
-                    what,
-                }
-            })?;
-            redone = Some(old);
-        }
-        sigs => {
+    let sigs = dev.signatures();
+    if !sigs.is_empty() {
+        let Some(old) =
+            crate::plan::eligibility::unfinished_mkfs(sigs).and_then(|s| s.uuid.as_deref())
+        else {
             return Err(FormatError::NotEligible {
                 device: device.into(),
                 verdict: "eligible with signatures".into(),
                 detail: format!("{sigs:?}"),
-            })
-        }
+            });
+        };
+        erase_unfinished_mkfs(&devnode, dev.size_bytes, old).map_err(|what| {
+            FormatError::Erase {
+                device: device.into(),
+                what,
+            }
+        })?;
     }
 
     // 6. mkfs, still under the lock. It opens the device O_EXCL itself.
@@ -286,20 +282,18 @@ pub fn format_safely(
         &uuid,
         &dev.intent_key(),
     )?;
-    if let Some(old) = redone {
-        let _ = crate::host::intents::clear(&cfg.host_dir, &old);
-    }
     crate::failpoint::hit("format-after-mkfs");
     drop(lock);
     Ok(uuid)
 }
 
 /// mkfs of filesystem `uuid` on `devnode`, its start recorded under hostDir
-/// first (`host::intents`) and the record removed once mkfs succeeded: a
-/// record left behind names a mkfs that was cut short, the one case in
-/// which disklet formats a disk carrying a signature (its own unfinished
-/// xfs) again. A failed mkfs keeps its record, so what it left can be
-/// formatted again too.
+/// first (`host::intents`), and every record of this disk removed once mkfs
+/// returned (an older one names remains that are gone now: the disk was
+/// blank or erased, and is held by this mkfs). A record left behind names a
+/// mkfs that was cut short, the one case in which disklet formats a disk
+/// carrying a signature (its own unfinished xfs) again. Call it only while
+/// holding the disk, as the format and the cleanup do.
 pub fn mkfs_recorded(
     formatter: &dyn Formatter,
     host_dir: &Path,
@@ -316,18 +310,19 @@ pub fn mkfs_recorded(
             crate::host::intents::dir(host_dir).join(uuid).display()
         ),
     })?;
-    formatter
-        .mkfs(devnode, fs, uuid)
-        .map_err(|source| FormatError::Mkfs {
-            device: device.clone(),
-            source,
-        })?;
-    if let Err(e) = crate::host::intents::clear(host_dir, uuid) {
-        // Harmless: the record names a finished filesystem, never formatted
-        // again; only an unfinished one with this UUID on this disk would be.
-        tracing::warn!(device, uuid, error = %e, "cannot remove the record of a finished mkfs");
+    crate::failpoint::hit("format-after-record");
+    let made = formatter.mkfs(devnode, fs, uuid);
+    for stale in crate::host::intents::read(host_dir)
+        .into_iter()
+        .filter(|i| i.device_key == device_key)
+    {
+        if let Err(e) = crate::host::intents::clear(host_dir, &stale.uuid) {
+            // Left behind, it can only ever match an unfinished xfs with
+            // this UUID on this disk, which only disklet's own mkfs makes.
+            tracing::warn!(device, uuid = stale.uuid, error = %e, "cannot remove a format record");
+        }
     }
-    Ok(())
+    made.map_err(|source| FormatError::Mkfs { device, source })
 }
 
 /// Erases what an unfinished mkfs.xfs of ours left: the first and last MiB

@@ -231,15 +231,16 @@ impl Device {
         }
     }
 
-    /// The most stable identity we know, best first: WWN, then serial (sysfs or
-    /// udev), then the `/dev/disk/by-id` link, then, for a loop, its backing file.
-    /// How a format intent names this disk: its identity, else its kernel
-    /// name.
+    /// How a format record names this disk: its identity, else its kernel
+    /// name (`name:`), which a reboot can give to another disk, so a record
+    /// by name never allows a format again.
     pub fn intent_key(&self) -> String {
         self.identity()
             .unwrap_or_else(|| format!("name:{}", self.name))
     }
 
+    /// The most stable identity we know, best first: WWN, then serial (sysfs or
+    /// udev), then the `/dev/disk/by-id` link, then, for a loop, its backing file.
     pub fn identity(&self) -> Option<String> {
         let prop = |k: &str| self.udev_properties().and_then(|p| p.get(k)).cloned();
         if let Some(w) = self.wwid.clone().or_else(|| prop("ID_WWN")) {

@@ -217,12 +217,15 @@ impl NodeFacts {
         self
     }
 
-    /// Whether disklet itself started the mkfs that left `sig` on `dev`.
+    /// Whether disklet itself started the mkfs that left `sig` on `dev`, by
+    /// a record naming this filesystem and this disk by a stable identity.
     fn started_here(&self, sig: &Signature, dev: &Device) -> bool {
         let key = dev.intent_key();
-        self.intents
-            .iter()
-            .any(|i| sig.uuid.as_deref() == Some(i.uuid.as_str()) && i.device_key == key)
+        !key.starts_with("name:")
+            && self
+                .intents
+                .iter()
+                .any(|i| sig.uuid.as_deref() == Some(i.uuid.as_str()) && i.device_key == key)
     }
 }
 
@@ -255,7 +258,7 @@ fn describe(sig: &Signature) -> String {
         s.push_str(&format!(" uuid={u}"));
     }
     if sig.in_progress {
-        s.push_str(" (its mkfs never finished, and disklet has no record of starting it here: an xfs_copy or mkfs by someone else?)");
+        s.push_str(" (its mkfs never finished; disklet formats it again only with its own record of starting that mkfs on this disk, so this may be an aborted xfs_copy or someone's mkfs)");
     }
     s
 }
