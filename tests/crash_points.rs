@@ -395,15 +395,7 @@ async fn provisioning_killed_at_every_step_converges() {
                 &format!("uuid={u}"),
                 disk.path(),
             ]);
-            sh(&[
-                "xfs_db",
-                "-x",
-                "-c",
-                "sb 0",
-                "-c",
-                "write inprogress 1",
-                disk.path(),
-            ]);
+            disk.xfs_sb_write("inprogress 1");
         } else {
             assert!(records.is_empty(), "{fp}: {records:?}");
         }

@@ -287,8 +287,7 @@ fn cut_short_mkfs(lp: &Loop, label: &str) -> String {
 }
 
 fn in_progress(lp: &Loop, on: bool) {
-    let w = format!("write inprogress {}", u8::from(on));
-    sh(&["xfs_db", "-x", "-c", "sb 0", "-c", &w, lp.path()]);
+    lp.xfs_sb_write(&format!("inprogress {}", u8::from(on)));
 }
 
 impl Setup {

@@ -1000,17 +1000,6 @@ async fn a_cut_short_mkfs_is_formatted_again_and_look_alikes_are_left_alone() {
     let torn = Loop::new(&disks, "torn", 320);
     let copy = Loop::new(&disks, "copy", 320);
     let damaged = Loop::new(&disks, "damaged", 320);
-    let xfs_db = |lp: &Loop, w: &str| {
-        sh(&[
-            "xfs_db",
-            "-x",
-            "-c",
-            "sb 0",
-            "-c",
-            &format!("write {w}"),
-            lp.path(),
-        ]);
-    };
     for lp in [&torn, &copy, &damaged] {
         lp.assert_ours();
         sh(&["mkfs.xfs", "-q", "-L", "disklet", lp.path()]);
@@ -1021,9 +1010,9 @@ async fn a_cut_short_mkfs_is_formatted_again_and_look_alikes_are_left_alone() {
         std::fs::create_dir_all(mnt.join("vol")).unwrap();
         std::fs::write(mnt.join("vol/tenant.db"), "tenant data").unwrap();
     }
-    xfs_db(&torn, "inprogress 1");
-    xfs_db(&copy, "inprogress 1");
-    xfs_db(&damaged, "logblocks 10");
+    torn.xfs_sb_write("inprogress 1");
+    copy.xfs_sb_write("inprogress 1");
+    damaged.xfs_sb_write("logblocks 10");
     let torn_uuid = blkid(torn.path(), "UUID");
     let copy_uuid = blkid(copy.path(), "UUID");
     let damaged_uuid = blkid(damaged.path(), "UUID");
@@ -1060,7 +1049,7 @@ async fn a_cut_short_mkfs_is_formatted_again_and_look_alikes_are_left_alone() {
     assert_one_pv_per_volume(&env, &[]).await;
     drop(agent);
     // The copy still holds its data.
-    xfs_db(&copy, "inprogress 0");
+    copy.xfs_sb_write("inprogress 0");
     let _m = Mounted::new(copy.path(), &mnt);
     assert_eq!(
         std::fs::read_to_string(mnt.join("vol/tenant.db")).unwrap(),

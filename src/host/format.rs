@@ -340,8 +340,7 @@ pub fn erase_unfinished_mkfs(devnode: &Path, size: u64, uuid: &str) -> Result<()
         .custom_flags(nix::libc::O_EXCL | nix::libc::O_CLOEXEC)
         .open(devnode)
         .map_err(|e| format!("open {} exclusively: {e}", devnode.display()))?;
-    let mut sb = [0u8; 512];
-    f.read_exact_at(&mut sb, 0)
+    let sb = crate::host::probe::read_xfs_sb(&f)
         .map_err(|e| format!("read {}: {e}", devnode.display()))?;
     // sb_fname: 12 bytes at offset 108, NUL-padded.
     let label = &sb[108..120];
@@ -349,11 +348,7 @@ pub fn erase_unfinished_mkfs(devnode: &Path, size: u64, uuid: &str) -> Result<()
         && label[OWNER_LABEL.len()..].iter().all(|b| *b == 0);
     // sb_uuid: 16 bytes at offset 32.
     let same_uuid = uuid::Uuid::parse_str(uuid).is_ok_and(|u| sb[32..48] == *u.as_bytes());
-    if &sb[..4] != b"XFSB"
-        || sb[crate::host::probe::XFS_INPROGRESS_OFFSET] == 0
-        || !ours
-        || !same_uuid
-    {
+    if !crate::host::probe::xfs_sb_in_progress(&sb) || !ours || !same_uuid {
         return Err(format!(
             "{} no longer holds the unfinished xfs {uuid} labelled {OWNER_LABEL}",
             devnode.display()

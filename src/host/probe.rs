@@ -76,17 +76,24 @@ pub fn ends_are_zero(path: &Path, size: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// `sb_inprogress` of an xfs superblock (byte 126 of sector 0): set by
-/// mkfs.xfs when it starts writing, cleared as its last step.
-pub const XFS_INPROGRESS_OFFSET: usize = 126;
+/// The primary xfs superblock: sector 0 of the device open as `f`.
+pub fn read_xfs_sb(f: &File) -> std::io::Result<[u8; 512]> {
+    let mut sb = [0u8; 512];
+    f.read_exact_at(&mut sb, 0)?;
+    Ok(sb)
+}
+
+/// Whether `sb` is an xfs superblock (magic `XFSB`) marked "mkfs in
+/// progress": `sb_inprogress`, byte 126, set by mkfs.xfs when it starts
+/// writing and cleared as its last step.
+pub fn xfs_sb_in_progress(sb: &[u8; 512]) -> bool {
+    &sb[..4] == b"XFSB" && sb[126] != 0
+}
 
 /// Whether the primary xfs superblock of `path` is marked "mkfs in
 /// progress". `false` when there is no xfs superblock.
 pub fn xfs_in_progress(path: &Path) -> std::io::Result<bool> {
-    let f = File::open(path)?;
-    let mut sb = [0u8; 512];
-    f.read_exact_at(&mut sb, 0)?;
-    Ok(&sb[..4] == b"XFSB" && sb[XFS_INPROGRESS_OFFSET] != 0)
+    Ok(xfs_sb_in_progress(&read_xfs_sb(&File::open(path)?)?))
 }
 
 /// `O_RDONLY|O_EXCL` open: for a block device the kernel refuses it with EBUSY

@@ -100,6 +100,20 @@ impl Loop {
         self.dev.to_str().unwrap()
     }
 
+    /// Sets a field of the loop's primary xfs superblock with `xfs_db`
+    /// (`field` as xfs_db writes it, e.g. `inprogress 1`).
+    pub fn xfs_sb_write(&self, field: &str) {
+        sh(&[
+            "xfs_db",
+            "-x",
+            "-c",
+            "sb 0",
+            "-c",
+            &format!("write {field}"),
+            self.path(),
+        ]);
+    }
+
     pub fn name(&self) -> String {
         self.dev.file_name().unwrap().to_string_lossy().into_owned()
     }
