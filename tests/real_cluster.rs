@@ -1,106 +1,612 @@
-//! Against a real cluster (kind, k3s, ...), gated by environment variables:
-//!
-//! ```sh
-//! DISKLET_E2E_KUBECONFIG=~/.kube/config DISKLET_E2E_NODE=$(hostname) \
-//!     cargo test --test real_cluster -- --ignored --nocapture
-//! ```
-//!
-//! Run it as root on a machine that is the node `DISKLET_E2E_NODE` of that
-//! cluster (a k3s server, or inside a kind node container). It creates a
-//! StorageClass `disklet-e2e-<pid>`, a 320 MiB loop device in a temp dir, runs
-//! the real agent selecting only that loop, checks the PV the API server
-//! accepted, then deletes the PV and the StorageClass and detaches the loop.
+//! disklet against a real control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler and kwok, built from pinned Go
+//! modules by `scripts/test-cluster.sh`): deploy/ applied by the real
+//! apiserver, agents as real processes on kwok Nodes with tokens of deploy/'s
+//! own ServiceAccount (so RBAC is the real authorizer's decision), claims
+//! placed by the real scheduler and bound by the real PV controller.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
-use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, DeleteParams, PostParams};
-use support::agent::{Agent, MountSweeper};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams};
+use serde_json::json;
+use support::cluster::*;
 use support::*;
 
+const T: Duration = Duration::from_secs(90);
+
+fn pvs(s: &Scope) -> Api<PersistentVolume> {
+    Api::all(s.client.clone())
+}
+
+/// The example StatefulSet (deploy/examples/statefulset.yaml) as a JSON
+/// object, moved to `ns`, claiming from `sc`, with `replicas`.
+fn example_statefulset(ns: &str, sc: &str, replicas: i32) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo().join("deploy/examples/statefulset.yaml")).unwrap();
+    let mut sts = None;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] == "StatefulSet" {
+            sts = Some(v);
+        }
+    }
+    let mut sts = sts.expect("a StatefulSet in deploy/examples/statefulset.yaml");
+    sts["metadata"]["namespace"] = json!(ns);
+    sts["spec"]["replicas"] = json!(replicas);
+    sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] = json!(sc);
+    sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] =
+        json!("100Mi");
+    sts
+}
+
+/// A claim and a pod using it, the pod pinned to `node` when given.
+async fn claim_and_pod(
+    s: &Scope,
+    ns: &str,
+    name: &str,
+    sc: &str,
+    node: Option<&str>,
+    extra_claim: serde_json::Value,
+) {
+    let mut pvc = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"storageClassName": sc, "accessModes": ["ReadWriteOnce"],
+                 "resources": {"requests": {"storage": "100Mi"}}}
+    });
+    if let Some(e) = extra_claim.as_object() {
+        for (k, v) in e {
+            pvc["spec"][k] = v.clone();
+        }
+    }
+    s.apply_json(&pvc).await;
+    let block = pvc["spec"]["volumeMode"] == "Block";
+    let mut container = json!({"name": "app", "image": "busybox:1.36.1"});
+    if block {
+        container["volumeDevices"] = json!([{"name": "data", "devicePath": "/dev/xvda"}]);
+    } else {
+        container["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
+    }
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"containers": [container],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}]}
+    });
+    if let Some(n) = node {
+        pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": n});
+    }
+    s.apply_json(&pod).await;
+}
+
+async fn bound_pv(s: &Scope, ns: &str, claim: &str) -> PersistentVolume {
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), ns);
+    let c = wait_for(&pvcs, claim, &format!("claim {claim} Bound"), T, |c| {
+        c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+    })
+    .await;
+    let pv = c.spec.unwrap().volume_name.unwrap();
+    pvs(s).get(&pv).await.unwrap()
+}
+
+async fn running_pod(s: &Scope, ns: &str, name: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
+    wait_for(&pods, name, &format!("pod {name} Running"), T, |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await
+}
+
+fn node_of(p: &Pod) -> String {
+    p.spec.as_ref().unwrap().node_name.clone().unwrap()
+}
+
+/// Waits for `n` Available PVs on these nodes.
+async fn available(s: &Scope, nodes: &[&str], n: usize) -> Vec<PersistentVolume> {
+    wait_list(
+        &pvs(s),
+        &nodes_selector(nodes),
+        &format!("{n} Available PVs on {nodes:?}"),
+        T,
+        |p| p.iter().filter(|pv| phase(pv) == "Available").count() == n,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real cluster: set DISKLET_E2E_KUBECONFIG and DISKLET_E2E_NODE, run with --ignored"]
-async fn publishes_a_pv_a_real_api_server_accepts() {
-    let (Ok(kubeconfig), Ok(node)) = (
-        std::env::var("DISKLET_E2E_KUBECONFIG"),
-        std::env::var("DISKLET_E2E_NODE"),
-    ) else {
-        panic!("set DISKLET_E2E_KUBECONFIG and DISKLET_E2E_NODE to run against a real cluster");
-    };
-    if skip_unless_root("publishes_a_pv_a_real_api_server_accepts") {
+async fn deploy_and_its_overlays_are_accepted_and_its_rbac_is_what_the_agent_needs() {
+    if skip_unless_root("deploy_and_its_overlays_are_accepted_and_its_rbac_is_what_the_agent_needs")
+    {
         return;
     }
-    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let sc_name = format!("disklet-e2e-{}", std::process::id());
-    let scs: Api<StorageClass> = Api::all(client.clone());
-    let sc: StorageClass = serde_json::from_value(serde_json::json!({
-        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-        "metadata": {"name": sc_name},
-        "provisioner": "kubernetes.io/no-provisioner",
-        "volumeBindingMode": "WaitForFirstConsumer",
-        "reclaimPolicy": "Delete"
-    }))
-    .unwrap();
-    scs.create(&PostParams::default(), &sc).await.unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
-    let _sweep = MountSweeper(dir.path().to_path_buf());
-    let d = dir.path().display();
-    let cfg = format!(
-        "hostDir: {d}/hostdir\nmountInfo: /proc/self/mountinfo\nclasses:\n  - name: e2e\n    storageClassName: {sc_name}\n    settleSeconds: 0\n    selector: {{backingFiles: [\"{d}/disks/*.img\"], types: [loop]}}\n"
-    );
-    let agent = Agent::start_raw(
-        std::path::Path::new(&kubeconfig),
-        dir.path(),
-        "agent",
-        &node,
-        &cfg,
-        &[],
-    );
-    let lp = Loop::new(&dir.path().join("disks"), "e1", 320);
-    lp.assert_ours();
-    agent.wait_log("PV applied");
-
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let list = pvs
-        .list(
-            &kube::api::ListParams::default()
-                .labels(&format!("disklet.io/class=e2e,disklet.io/node={node}")),
-        )
-        .await
-        .unwrap();
-    assert_eq!(list.items.len(), 1);
-    let pv = &list.items[0];
-    let s = pv.spec.as_ref().unwrap();
-    assert_eq!(s.storage_class_name.as_deref(), Some(sc_name.as_str()));
-    assert!(s
-        .local
-        .as_ref()
-        .unwrap()
-        .path
-        .starts_with(&format!("{d}/hostdir/e2e/")));
+    let s = Scope::new("deploy").await;
+    s.apply_deploy();
+    // Every overlay, through the real apiserver's validation and admission.
+    for overlay in ["deploy/overlays/block", "deploy/overlays/udev-events"] {
+        let out = s
+            .cluster
+            .kubectl_output(&["apply", "-k", overlay, "--dry-run=server"]);
+        assert!(
+            out.status.success(),
+            "{overlay}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The DaemonSet's own pod exists on the node, and the agent runs with a
+    // token bound to it: every request it makes is judged by the real RBAC.
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            loop_config(d, "", &[("fast", &sc, "disks", "")])
+        })
+        .await;
+    rig.disk("disks", "d1", 320);
+    let pv = available(&s, &[&rig.node], 1).await;
     assert_eq!(
-        pv.status.as_ref().and_then(|st| st.phase.as_deref()),
-        Some("Available"),
-        "the real PV controller accepted it"
+        affinity(&pv[0], "kubernetes.io/hostname"),
+        [rig.node.clone()]
     );
 
-    drop(agent);
-    pvs.delete(
-        pv.metadata.name.as_deref().unwrap(),
-        &DeleteParams::default(),
+    // doctor, with the same token, finds every permission granted.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_disklet"))
+        .args(["doctor", "--node-name", &rig.node, "--config"])
+        .arg(rig.path().join("agent.yaml"))
+        .env("KUBECONFIG", &rig.kubeconfig)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("OK") && l.contains("RBAC")),
+        "doctor: {text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("OK") && l.contains("Node")),
+        "doctor: {text}"
+    );
+    // A pull withdraws the PV (delete), the watch saw it go.
+    rig.pull(|_| true);
+    wait_list(
+        &pvs(&s),
+        &nodes_selector(&[&rig.node]),
+        "the PV withdrawn",
+        T,
+        |p| p.is_empty(),
+    )
+    .await;
+    // Nothing the agent asked for was refused.
+    let log = std::fs::read_to_string(&rig.agent().log).unwrap();
+    assert!(
+        !log.contains("forbidden"),
+        "the agent was refused something:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_statefulset_lands_one_replica_per_node_on_disklet_pvs() {
+    if skip_unless_root("the_example_statefulset_lands_one_replica_per_node_on_disklet_pvs") {
+        return;
+    }
+    let s = Scope::new("sts").await;
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rigs = Vec::new();
+    for n in ["a", "b", "c"] {
+        let mut rig = s
+            .rig(n, &[], |d| {
+                loop_config(d, "", &[("fast", &sc, "disks", "")])
+            })
+            .await;
+        rig.disk("disks", "d1", 320);
+        rig.disk("disks", "d2", 320);
+        rigs.push(rig);
+    }
+    let nodes: Vec<&str> = rigs.iter().map(|r| r.node.as_str()).collect();
+    available(&s, &nodes, 6).await;
+
+    let ns = s.namespace("demo").await;
+    s.apply_json(&example_statefulset(&ns, &sc, 3)).await;
+    let mut used = Vec::new();
+    for i in 0..3 {
+        let pod = running_pod(&s, &ns, &format!("local-demo-{i}")).await;
+        let pv = bound_pv(&s, &ns, &format!("data-local-demo-{i}")).await;
+        let node = node_of(&pod);
+        assert!(
+            nodes.contains(&node.as_str()),
+            "{node} is not one of {nodes:?}"
+        );
+        assert_eq!(
+            affinity(&pv, "kubernetes.io/hostname"),
+            std::slice::from_ref(&node),
+            "the PV's node is its pod's"
+        );
+        assert_eq!(
+            pv.metadata.labels.as_ref().unwrap()["disklet.io/node"],
+            node
+        );
+        used.push(node);
+    }
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 3, "one replica per node (anti-affinity)");
+
+    // Node a's second disk goes to a pod pinned there; a third pinned pod
+    // finds no free disk on a and stays Pending with the scheduler's reason.
+    claim_and_pod(&s, &ns, "extra-1", &sc, Some(nodes[0]), json!({})).await;
+    let pv = bound_pv(&s, &ns, "extra-1").await;
+    assert_eq!(
+        affinity(&pv, "kubernetes.io/hostname"),
+        [nodes[0].to_string()]
+    );
+    claim_and_pod(&s, &ns, "extra-2", &sc, Some(nodes[0]), json!({})).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let p = wait_for(&pods, "extra-2", "extra-2 unschedulable", T, |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
+    })
+    .await;
+    let cond = p.status.unwrap().conditions.unwrap();
+    let msg = cond
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")
+        .and_then(|c| c.message.clone())
+        .unwrap();
+    assert!(
+        msg.contains("didn't find available persistent volumes to bind"),
+        "the scheduler's own reason: {msg}"
+    );
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    let c = pvcs.get("extra-2").await.unwrap();
+    assert_eq!(c.status.unwrap().phase.as_deref(), Some("Pending"));
+    let _ = pvcs.list(&ListParams::default()).await.unwrap();
+}
+
+/// The events.k8s.io Events about `object` (a Node or a PV), as (type, reason, note).
+async fn events_about(s: &Scope, object: &str) -> Vec<(String, String, String)> {
+    use k8s_openapi::api::events::v1::Event;
+    let api: Api<Event> = Api::all(s.client.clone());
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn local_path(pv: &PersistentVolume) -> std::path::PathBuf {
+    std::path::PathBuf::from(&pv.spec.as_ref().unwrap().local.as_ref().unwrap().path)
+}
+
+fn ann<'a>(pv: &'a PersistentVolume, k: &str) -> Option<&'a str> {
+    pv.metadata.annotations.as_ref()?.get(k).map(String::as_str)
+}
+
+async fn scale(s: &Scope, ns: &str, sts: &str, replicas: i32) {
+    let api: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(s.client.clone(), ns);
+    api.patch_scale(
+        sts,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"replicas": replicas}})),
     )
     .await
     .unwrap();
-    scs.delete(&sc_name, &DeleteParams::default())
+}
+
+async fn wait_gone<K>(api: &Api<K>, name: &str, what: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + T;
+    // A watch on one name reports its deletion; re-checked with a get so a
+    // delete that happened before the watch started counts too.
+    loop {
+        match api.get_opt(name).await.unwrap() {
+            None => return,
+            Some(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for {what}"
+                );
+                let mut stream = std::pin::pin!(kube::runtime::watcher::watcher(
+                    api.clone(),
+                    kube::runtime::watcher::Config::default()
+                        .fields(&format!("metadata.name={name}"))
+                ));
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    use futures::StreamExt;
+                    while let Some(ev) = stream.next().await {
+                        if let Ok(kube::runtime::watcher::Event::Delete(_)) = ev {
+                            return;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_and_delete_the_claim_recycles_after_kubelets_unmount() {
+    if skip_unless_root("scale_down_and_delete_the_claim_recycles_after_kubelets_unmount") {
+        return;
+    }
+    let s = Scope::new("recycle").await;
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            loop_config(d, "", &[("fast", &sc, "disks", "")])
+        })
+        .await;
+    rig.disk("disks", "d1", 320);
+    available(&s, &[&rig.node], 1).await;
+    let ns = s.namespace("db").await;
+    s.apply_json(&example_statefulset(&ns, &sc, 1)).await;
+    let pod = running_pod(&s, &ns, "local-demo-0").await;
+    let first = bound_pv(&s, &ns, "data-local-demo-0").await;
+    let vol = local_path(&first);
+    std::fs::write(vol.join("boots.log"), "tenant one").unwrap();
+
+    // kubelet's bind mount of the volume into the pod, as kubelet makes it.
+    let pod_mount = rig
+        .path()
+        .join("kubelet/pods")
+        .join(pod.metadata.uid.as_deref().unwrap())
+        .join("volumes/kubernetes.io~local-volume")
+        .join(name_of(&first));
+    std::fs::create_dir_all(&pod_mount).unwrap();
+    sh(&[
+        "mount",
+        "--bind",
+        vol.to_str().unwrap(),
+        pod_mount.to_str().unwrap(),
+    ]);
+    let _unmount = Mounted(pod_mount.clone());
+
+    // Scale down, delete the claim: the real PV controller releases the PV.
+    scale(&s, &ns, "local-demo", 0).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    wait_gone(&pods, "local-demo-0", "the pod gone").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "data-local-demo-0").await;
+    wait_for(&pvs(&s), &name_of(&first), "the PV Released", T, |pv| {
+        phase(pv) == "Released"
+    })
+    .await;
+    rig.agent().wait_log("VolumeInUse");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("boots.log")).unwrap(),
+        "tenant one",
+        "never wiped while mounted"
+    );
+    let ev = events_about(&s, &name_of(&first)).await;
+    assert!(
+        ev.iter().any(|(t, r, n)| t == "Warning"
+            && r == "VolumeInUse"
+            && n.contains(pod_mount.to_str().unwrap())),
+        "{ev:?}"
+    );
+
+    // kubelet unmounts: cleaned, the old PV deleted, a fresh one published.
+    sh(&["umount", pod_mount.to_str().unwrap()]);
+    wait_gone(&pvs(&s), &name_of(&first), "the released PV deleted").await;
+    let fresh = available(&s, &[&rig.node], 1).await.remove(0);
+    assert_ne!(name_of(&fresh), name_of(&first));
+    assert_ne!(
+        ann(&fresh, "disklet.io/fs-uuid"),
+        ann(&first, "disklet.io/fs-uuid")
+    );
+    assert_eq!(
+        std::fs::read_dir(local_path(&fresh)).unwrap().count(),
+        0,
+        "the fresh volume is empty"
+    );
+
+    // Scaling up binds the fresh, empty volume.
+    scale(&s, &ns, "local-demo", 1).await;
+    running_pod(&s, &ns, "local-demo-0").await;
+    let again = bound_pv(&s, &ns, "data-local-demo-0").await;
+    assert_eq!(name_of(&again), name_of(&fresh));
+    assert!(!local_path(&again).join("boots.log").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_keeps_a_released_volume_and_its_data() {
+    if skip_unless_root("retain_keeps_a_released_volume_and_its_data") {
+        return;
+    }
+    let s = Scope::new("retain").await;
+    let sc = s
+        .storage_class("keep", json!({"reclaimPolicy": "Retain"}))
+        .await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            loop_config(d, "", &[("keep", &sc, "disks", "")])
+        })
+        .await;
+    rig.disk("disks", "k1", 320);
+    let pv = available(&s, &[&rig.node], 1).await.remove(0);
+    assert_eq!(
+        pv.spec
+            .as_ref()
+            .unwrap()
+            .persistent_volume_reclaim_policy
+            .as_deref(),
+        Some("Retain")
+    );
+    let ns = s.namespace("app").await;
+    claim_and_pod(&s, &ns, "keep-0", &sc, None, json!({})).await;
+    running_pod(&s, &ns, "keep-0").await;
+    let bound = bound_pv(&s, &ns, "keep-0").await;
+    std::fs::write(local_path(&bound).join("keepme"), "x").unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "keep-0").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "keep-0").await;
+    wait_for(&pvs(&s), &name_of(&bound), "Released", T, |pv| {
+        phase(pv) == "Released"
+    })
+    .await;
+    let pv = wait_for(&pvs(&s), &name_of(&bound), "marked retained", T, |pv| {
+        ann(pv, "disklet.io/reclaim") == Some("retained")
+    })
+    .await;
+    assert_eq!(phase(&pv), "Released");
+    assert_eq!(
+        std::fs::read_to_string(local_path(&pv).join("keepme")).unwrap(),
+        "x"
+    );
+    let ev = events_about(&s, &name_of(&pv)).await;
+    assert!(ev.iter().any(|(_, r, _)| r == "Retained"), "{ev:?}");
+    // Nothing else is published on the disk.
+    let now = list(&pvs(&s), &nodes_selector(&[&rig.node])).await;
+    assert_eq!(now.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_pv_an_admin_deletes_waits_behind_pv_protection_and_its_data_stays() {
+    if skip_unless_root("a_bound_pv_an_admin_deletes_waits_behind_pv_protection_and_its_data_stays")
+    {
+        return;
+    }
+    let s = Scope::new("pvprot").await;
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            loop_config(d, "", &[("fast", &sc, "disks", "")])
+        })
+        .await;
+    rig.disk("disks", "d1", 320);
+    available(&s, &[&rig.node], 1).await;
+    let ns = s.namespace("app").await;
+    claim_and_pod(&s, &ns, "c0", &sc, None, json!({})).await;
+    running_pod(&s, &ns, "c0").await;
+    let bound = bound_pv(&s, &ns, "c0").await;
+    std::fs::write(local_path(&bound).join("data"), "precious").unwrap();
+
+    // The admin deletes the Bound PV: Terminating behind pv-protection.
+    delete(&pvs(&s), &name_of(&bound)).await;
+    let pv = wait_for(&pvs(&s), &name_of(&bound), "Terminating", T, |pv| {
+        pv.metadata.deletion_timestamp.is_some()
+    })
+    .await;
+    assert!(pv
+        .metadata
+        .finalizers
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|f| f == "kubernetes.io/pv-protection"));
+    assert_eq!(phase(&pv), "Bound");
+    // disklet leaves it alone: restart the agent; a full pass later the PV is
+    // still there, unchanged, and the data too.
+    rig.restart();
+    rig.agent().wait_log("ready: first reconcile done");
+    let now = pvs(&s).get(&name_of(&bound)).await.unwrap();
+    assert_eq!(
+        now.metadata.resource_version, pv.metadata.resource_version,
+        "disklet wrote nothing to it"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local_path(&bound).join("data")).unwrap(),
+        "precious"
+    );
+
+    // The claim goes: the PV is gone for good; the data stays on the disk,
+    // and disklet publishes nothing over it (VolumeNotClean on the Node).
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "c0").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "c0").await;
+    wait_gone(&pvs(&s), &name_of(&bound), "the PV deleted").await;
+    rig.agent().wait_log("VolumeNotClean");
+    assert_eq!(
+        std::fs::read_to_string(local_path(&bound).join("data")).unwrap(),
+        "precious"
+    );
+    assert!(list(&pvs(&s), &nodes_selector(&[&rig.node]))
         .await
-        .unwrap();
+        .is_empty());
+    let ev = events_about(&s, &rig.node).await;
+    assert!(
+        ev.iter()
+            .any(|(t, r, _)| t == "Warning" && r == "VolumeNotClean"),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_disks_an_available_pv_is_withdrawn_and_a_bound_one_marked() {
+    if skip_unless_root("pulled_disks_an_available_pv_is_withdrawn_and_a_bound_one_marked") {
+        return;
+    }
+    let s = Scope::new("pull").await;
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            loop_config(d, "", &[("fast", &sc, "disks", "")])
+        })
+        .await;
+    rig.disk("disks", "a", 320);
+    rig.disk("disks", "b", 320);
+    available(&s, &[&rig.node], 2).await;
+    let ns = s.namespace("app").await;
+    claim_and_pod(&s, &ns, "c0", &sc, None, json!({})).await;
+    let bound = bound_pv(&s, &ns, "c0").await;
+    // Both disks go.
+    rig.pull(|_| true);
+    let left = wait_list(
+        &pvs(&s),
+        &nodes_selector(&[&rig.node]),
+        "the Available PV withdrawn, the Bound one marked",
+        T,
+        |p| p.len() == 1 && ann(&p[0], "disklet.io/device-state") == Some("missing"),
+    )
+    .await;
+    assert_eq!(
+        name_of(&left[0]),
+        name_of(&bound),
+        "a Bound PV is never deleted"
+    );
+    assert_eq!(phase(&left[0]), "Bound");
+    // The scheduler puts nothing new on the node: a new claim's pod stays Pending.
+    claim_and_pod(&s, &ns, "c1", &sc, Some(&rig.node), json!({})).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let p = wait_for(&pods, "c1", "c1 unschedulable", T, |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
+    })
+    .await;
+    assert!(p.spec.unwrap().node_name.is_none());
+    let ev = events_about(&s, &name_of(&bound)).await;
+    assert!(
+        ev.iter()
+            .any(|(t, r, _)| t == "Warning" && r == "DeviceMissing"),
+        "{ev:?}"
+    );
 }

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod binder;
+pub mod cluster;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
