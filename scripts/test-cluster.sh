@@ -231,6 +231,18 @@ up() {
   local server="https://127.0.0.1:$ap" pki="$dir/pki"
   kubeconfig "$dir/admin.kubeconfig" "$server" "$pki"
   printf 'ETCD_PORT=%s\nAPISERVER_PORT=%s\nBIN=%s\n' "$ep" "$ap" "$bin" >"$dir/cluster.env"
+  # The apiserver's audit log records every request of deploy/'s ServiceAccounts
+  # (the agents'), with the node its token is bound to: tests count an agent's
+  # requests and read what RBAC refused from the apiserver's own record.
+  cat >"$dir/audit-policy.yaml" <<'AP'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived, ResponseStarted]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts:disklet-system"]
+  - level: None
+AP
 
   # etcd without fsync: a test cluster, rebuilt from nothing every run.
   start "$dir" etcd "$bin/etcd" --name=disklet-test --data-dir="$dir/etcd" \
@@ -248,7 +260,9 @@ up() {
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --api-audiences=https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true --profiling=false \
-    --cert-dir="$dir/pki/apiserver-generated"
+    --cert-dir="$dir/pki/apiserver-generated" \
+    --audit-policy-file="$dir/audit-policy.yaml" --audit-log-path="$dir/logs/audit.log" \
+    --audit-log-format=json
   wait_for "kube-apiserver /readyz" 120 "$dir" "$bin/kubectl" --kubeconfig="$dir/admin.kubeconfig" get --raw=/readyz
   start "$dir" kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig="$dir/admin.kubeconfig" --authentication-kubeconfig="$dir/admin.kubeconfig" \

@@ -272,6 +272,8 @@ fn namespace_problems(objs: &[Value]) -> Vec<String> {
         "ClusterRole",
         "ClusterRoleBinding",
         "StorageClass",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ];
     for o in objs
         .iter()
@@ -737,6 +739,8 @@ fn every_target_renders_and_holds_the_contract() {
             "DaemonSet",
             "NetworkPolicy",
             "StorageClass",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
         .into();
         assert!(kinds.is_subset(&allowed), "{}: kinds {kinds:?}", t.dir);

@@ -610,3 +610,146 @@ async fn pulled_disks_an_available_pv_is_withdrawn_and_a_bound_one_marked() {
         "{ev:?}"
     );
 }
+
+/// A PV as disklet builds it for `node` (hostname label = node name).
+fn pv_for(node: &str, key: &str) -> PersistentVolume {
+    use disklet::model::{NodeInfo, ScInfo, Volume};
+    let info = NodeInfo {
+        name: node.into(),
+        uid: "00000000-0000-4000-8000-000000000001".into(),
+        hostname: node.into(),
+        labels: Default::default(),
+    };
+    let v = Volume {
+        key: format!("fs:{key}"),
+        class: "fast".into(),
+        mode: disklet::config::VolumeMode::Filesystem,
+        path: format!("/var/lib/disklet/fast/{key}/vol").into(),
+        capacity_bytes: 1 << 30,
+        fs_type: None,
+        annotations: Default::default(),
+        create_blocked: None,
+    };
+    let sc = ScInfo {
+        reclaim_policy: "Delete".into(),
+        mount_options: vec![],
+    };
+    disklet::k8s::pv::build_pv(&v, &info, "local-fast", &sc, &[])
+}
+
+fn apply_pp() -> kube::api::PatchParams {
+    kube::api::PatchParams::apply("disklet").force()
+}
+
+async fn ssa(
+    api: &Api<PersistentVolume>,
+    pv: &PersistentVolume,
+) -> Result<PersistentVolume, kube::Error> {
+    let mut body = serde_json::to_value(pv).unwrap();
+    body["apiVersion"] = json!("v1");
+    body["kind"] = json!("PersistentVolume");
+    api.patch(&name_of(pv), &apply_pp(), &kube::api::Patch::Apply(body))
+        .await
+}
+
+/// Asserts the call was refused by disklet's admission policy (not RBAC).
+fn refused_by_policy<T: std::fmt::Debug>(r: Result<T, kube::Error>, what: &str) {
+    match r {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 403, "{what}: {e:?}");
+            assert!(
+                e.message
+                    .contains("ValidatingAdmissionPolicy 'disklet-node-scoped-pvs'"),
+                "{what}: refused, but not by the policy: {}",
+                e.message
+            );
+        }
+        other => panic!("{what}: not refused: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_token_writes_only_that_nodes_pvs() {
+    let s = Scope::new("authz").await;
+    s.apply_deploy();
+    let (a, b) = (s.node("a", &[]).await, s.node("b", &[]).await);
+    let dir = tempfile::tempdir().unwrap();
+    let client_as = |n: &str| dir.path().join(format!("{n}.kubeconfig"));
+    s.agent_kubeconfig(&a, &client_as("a")).await;
+    s.agent_kubeconfig(&b, &client_as("b")).await;
+    let as_a: Api<PersistentVolume> = Api::all(client_from(&client_as("a")).await);
+    let as_b: Api<PersistentVolume> = Api::all(client_from(&client_as("b")).await);
+
+    wait_policy_effective(&client_as("a")).await;
+    // Node b's agent writes its own PV.
+    let pv_b = pv_for(&b, &s.name("b1"));
+    ssa(&as_b, &pv_b).await.unwrap();
+    // Node a's token cannot change, relabel, or delete it.
+    let mut changed = pv_b.clone();
+    changed
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("disklet.io/x".into(), "y".into());
+    refused_by_policy(ssa(&as_a, &changed).await, "a patches b's PV");
+    refused_by_policy(
+        as_a.delete(&name_of(&pv_b), &Default::default()).await,
+        "a deletes b's PV",
+    );
+    // Nor create a PV for node b, under either label, or one labelled a that
+    // sends pods to b.
+    refused_by_policy(
+        ssa(&as_a, &pv_for(&b, &s.name("b2"))).await,
+        "a creates a PV of b",
+    );
+    let mut disguised = pv_for(&b, &s.name("b3"));
+    disguised
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("disklet.io/node".into(), a.clone());
+    refused_by_policy(
+        ssa(&as_a, &disguised).await,
+        "a creates a PV labelled a with b's affinity",
+    );
+    // Its own PVs, a may write and delete; moving one to b it may not.
+    let pv_a = pv_for(&a, &s.name("a1"));
+    ssa(&as_a, &pv_a).await.unwrap();
+    let mut moved = pv_a.clone();
+    moved
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("disklet.io/node".into(), b.clone());
+    refused_by_policy(ssa(&as_a, &moved).await, "a relabels its PV to b");
+    as_a.delete(&name_of(&pv_a), &Default::default())
+        .await
+        .unwrap();
+    // A token bound to no pod (so to no node) writes no PV at all.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(s.client.clone(), "disklet-system");
+    let tr: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"], "expirationSeconds": 600}
+    }))
+    .unwrap();
+    let out: k8s_openapi::api::authentication::v1::TokenRequest = sas
+        .create_subresource("token", "disklet", &Default::default(), &tr)
+        .await
+        .unwrap();
+    let unbound = out.status.unwrap().token;
+    s.cluster
+        .kubeconfig_with_token(&client_as("none"), &unbound);
+    let as_none: Api<PersistentVolume> = Api::all(client_from(&client_as("none")).await);
+    refused_by_policy(
+        ssa(&as_none, &pv_for(&a, &s.name("a2"))).await,
+        "an unbound token creates a PV",
+    );
+    // What the policy does not cover, RBAC still allows: reading.
+    assert!(as_a.get(&name_of(&pv_b)).await.is_ok());
+    // The admin is not affected.
+    pvs(&s)
+        .delete(&name_of(&pv_b), &Default::default())
+        .await
+        .unwrap();
+}

@@ -145,6 +145,35 @@ impl Cluster {
         std::fs::write(path, text).unwrap();
     }
 
+    /// The apiserver's audit record of every request made with a token of a
+    /// ServiceAccount in `disklet-system` (the agents'), oldest first.
+    pub fn audit(&self) -> Vec<Audit> {
+        let text = std::fs::read_to_string(self.dir.join("logs/audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                let s = |p: &str| {
+                    v.pointer(p)
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                Audit {
+                    user: s("/user/username"),
+                    node: s("/user/extra/authentication.kubernetes.io~1node-name/0"),
+                    verb: s("/verb"),
+                    resource: s("/objectRef/resource"),
+                    name: s("/objectRef/name"),
+                    code: v
+                        .pointer("/responseStatus/code")
+                        .and_then(|c| c.as_u64())
+                        .unwrap_or(0) as u16,
+                    user_agent: s("/userAgent"),
+                }
+            })
+            .collect()
+    }
+
     /// The components' logs, copied to `target/cluster-logs/<name>/`.
     pub fn keep_logs(&self, name: &str) -> PathBuf {
         let to = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -166,6 +195,19 @@ pub async fn client_from(kubeconfig: &Path) -> kube::Client {
         .await
         .unwrap();
     kube::Client::try_from(cfg).unwrap()
+}
+
+/// One request in the apiserver's audit log.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub user: String,
+    /// The node the token is bound to (`authentication.kubernetes.io/node-name`).
+    pub node: String,
+    pub verb: String,
+    pub resource: String,
+    pub name: String,
+    pub code: u16,
+    pub user_agent: String,
 }
 
 /// Waits until the object `name` exists and `pred` holds for it, on a watch.
@@ -503,6 +545,44 @@ where
         .items
 }
 
+/// Waits until deploy/'s admission policy (deploy/base/admission.yaml) is in
+/// force for the agent token in `kubeconfig`: the apiserver loads a new
+/// policy a moment after it is created, so an agent started at once could
+/// write unchecked. The probe is a dry-run create of a PV for another node,
+/// retried until the policy refuses it.
+pub async fn wait_policy_effective(kubeconfig: &Path) {
+    let api: Api<PersistentVolume> = Api::all(client_from(kubeconfig).await);
+    let probe = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": "disklet-policy-probe", "labels": {"disklet.io/node": "no-such-node"}},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "local": {"path": "/nonexistent"},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "kubernetes.io/hostname", "operator": "In", "values": ["no-such-node"]}]}]}}}
+    });
+    let pp = PatchParams::apply("disklet-test").force().dry_run();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match api
+            .patch("disklet-policy-probe", &pp, &Patch::Apply(&probe))
+            .await
+        {
+            Err(kube::Error::Api(e))
+                if e.code == 403 && e.message.contains("disklet-node-scoped-pvs") =>
+            {
+                return
+            }
+            r => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "deploy/'s admission policy did not take effect within 60 s: {r:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// One kwok Node with its own disklet agent as a real process: its own temp
 /// dir holding the loop devices' backing files, hostDir and kubelet dir, and a
 /// kubeconfig with a token of deploy/'s ServiceAccount bound to the
@@ -551,6 +631,7 @@ impl Scope {
         std::fs::create_dir_all(dir.path().join("kubelet")).unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         self.agent_kubeconfig(&node, &kubeconfig).await;
+        wait_policy_effective(&kubeconfig).await;
         let config = config(dir.path());
         let agent = Agent::start_raw(&kubeconfig, dir.path(), "agent", &node, &config, &[]);
         NodeRig {
