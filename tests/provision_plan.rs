@@ -90,6 +90,7 @@ fn world(devices: Vec<Device>, mounts: Vec<MountEntry>) -> World {
     let sc = ScInfo {
         reclaim_policy: "Delete".into(),
         mount_options: vec![],
+        ..Default::default()
     };
     World {
         cfg,
@@ -220,6 +221,106 @@ fn eligible_disks_are_formatted_only_when_their_class_can_publish() {
         ["StorageClassMissing"],
         "no format, one report for two disks"
     );
+}
+
+/// A StorageClass limited to zone z1.
+fn zonal() -> ScInfo {
+    ScInfo {
+        reclaim_policy: "Delete".into(),
+        allowed_topologies: vec![vec![(
+            "topology.kubernetes.io/zone".into(),
+            vec!["z1".into()],
+        )]],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_node_outside_the_storage_class_allowed_topologies_formats_and_publishes_nothing() {
+    let mut w = world(vec![disk("sda", 0), disk("sdb", 16)], vec![]);
+    w.scs.insert("local-fast".into(), Some(zonal()));
+    assert_eq!(
+        kinds(&w.plan()),
+        ["OutsideAllowedTopologies"],
+        "one report, no format"
+    );
+    w.node
+        .labels
+        .insert("topology.kubernetes.io/zone".into(), "z2".into());
+    assert_eq!(kinds(&w.plan()), ["OutsideAllowedTopologies"]);
+    w.node
+        .labels
+        .insert("topology.kubernetes.io/zone".into(), "z1".into());
+    assert_eq!(
+        kinds(&w.plan()),
+        ["format", "format"],
+        "inside: as without the limit"
+    );
+    // Any term may match; every expression of a term must.
+    let mut sc = zonal();
+    sc.allowed_topologies.push(vec![
+        ("topology.kubernetes.io/zone".into(), vec!["z2".into()]),
+        ("rack".into(), vec!["r7".into()]),
+    ]);
+    let mut labels = BTreeMap::new();
+    labels.insert("topology.kubernetes.io/zone".to_string(), "z2".to_string());
+    assert!(!sc.allows(&labels));
+    labels.insert("rack".to_string(), "r7".to_string());
+    assert!(sc.allows(&labels));
+    assert!(
+        ScInfo::default().allows(&BTreeMap::new()),
+        "no limit: everywhere"
+    );
+}
+
+#[test]
+fn a_pv_published_before_the_node_left_the_allowed_topologies_is_withdrawn_unless_claimed() {
+    let d = ours("sda", 0, "u-1");
+    let target = "/var/lib/disklet/fast/u-1";
+    let mut w = world(vec![d.clone()], vec![mount(&d, target)]);
+    w.mounts.insert(
+        target.into(),
+        MountFact {
+            vol_dir: true,
+            capacity_bytes: 99 << 30,
+            fs_bytes: None,
+            device_bytes: None,
+            vol_empty: true,
+            io_error: None,
+        },
+    );
+    let Some(Action::ApplyPv { pv, .. }) = w.plan().into_iter().next() else {
+        panic!("no PV planned")
+    };
+    let mut pv = *pv;
+    pv.metadata.uid = Some("uid-1".into());
+    pv.metadata.resource_version = Some("7".into());
+    pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+        phase: Some("Available".into()),
+        ..Default::default()
+    });
+    w.pvs = vec![pv.clone()];
+    w.scs.insert("local-fast".into(), Some(zonal()));
+    let a = w.plan_all();
+    assert_eq!(kinds(&a), ["delete-pv", "OutsideAllowedTopologies"]);
+    let Action::DeletePv {
+        uid,
+        resource_version,
+        reason,
+        ..
+    } = &a[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (uid.as_str(), resource_version.as_str(), *reason),
+        ("uid-1", "7", "VolumeWithdrawn")
+    );
+    // A claimed one stays.
+    pv.spec.as_mut().unwrap().claim_ref = Some(Default::default());
+    pv.status.as_mut().unwrap().phase = Some("Bound".into());
+    w.pvs = vec![pv];
+    assert_eq!(kinds(&w.plan_all()), ["OutsideAllowedTopologies"]);
 }
 
 #[test]

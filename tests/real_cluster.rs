@@ -633,6 +633,7 @@ fn pv_for(node: &str, key: &str) -> PersistentVolume {
     let sc = ScInfo {
         reclaim_policy: "Delete".into(),
         mount_options: vec![],
+        ..Default::default()
     };
     disklet::k8s::pv::build_pv(&v, &info, "local-fast", &sc, &[])
 }
@@ -752,4 +753,86 @@ async fn a_nodes_token_writes_only_that_nodes_pvs() {
         .delete(&name_of(&pv_b), &Default::default())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_keys_and_allowed_topologies_keep_the_pods_in_their_zone() {
+    if skip_unless_root("topology_keys_and_allowed_topologies_keep_the_pods_in_their_zone") {
+        return;
+    }
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    let s = Scope::new("zones").await;
+    let (z1, z2) = (s.name("z1"), s.name("z2"));
+    let sc = s
+        .storage_class(
+            "zonal",
+            json!({"allowedTopologies": [{"matchLabelExpressions": [{"key": ZONE, "values": [z1]}]}]}),
+        )
+        .await;
+    let mut rigs = Vec::new();
+    for (n, z) in [("a", &z1), ("b", &z1), ("c", &z2)] {
+        let mut rig = s
+            .rig(n, &[(ZONE, z.as_str())], |d| {
+                loop_config(
+                    d,
+                    "topologyKeys: [topology.kubernetes.io/zone]",
+                    &[("fast", &sc, "disks", "")],
+                )
+            })
+            .await;
+        rig.disk("disks", "d1", 320);
+        rigs.push(rig);
+    }
+    let in_z1 = [rigs[0].node.as_str(), rigs[1].node.as_str()];
+    // Published where the class allows it, with the zone in the affinity.
+    let pvs_z1 = available(&s, &in_z1, 2).await;
+    for pv in &pvs_z1 {
+        assert_eq!(affinity(pv, ZONE), std::slice::from_ref(&z1), "{pv:#?}");
+    }
+    // Node c lies outside the StorageClass's allowedTopologies: its disk is
+    // not published (a PV there would take claims of this class out of the
+    // zone: the scheduler checks allowedTopologies only when it provisions).
+    rigs[2].agent().wait_log("OutsideAllowedTopologies");
+    assert!(list(&pvs(&s), &nodes_selector(&[&rigs[2].node]))
+        .await
+        .is_empty());
+    let ev = events_about(&s, &rigs[2].node).await;
+    assert!(
+        ev.iter()
+            .any(|(t, r, _)| t == "Warning" && r == "OutsideAllowedTopologies"),
+        "{ev:?}"
+    );
+
+    let ns = s.namespace("zonal").await;
+    s.apply_json(&example_statefulset(&ns, &sc, 3)).await;
+    for i in 0..2 {
+        let pod = running_pod(&s, &ns, &format!("local-demo-{i}")).await;
+        assert!(
+            in_z1.contains(&node_of(&pod).as_str()),
+            "replica {i} on {}",
+            node_of(&pod)
+        );
+        let pv = bound_pv(&s, &ns, &format!("data-local-demo-{i}")).await;
+        assert_eq!(affinity(&pv, ZONE), std::slice::from_ref(&z1));
+    }
+    // The third replica finds no volume in the zone: Pending, never on c.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let p = wait_for(
+        &pods,
+        "local-demo-2",
+        "local-demo-2 unschedulable",
+        T,
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                })
+        },
+    )
+    .await;
+    assert!(p.spec.unwrap().node_name.is_none());
 }

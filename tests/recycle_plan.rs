@@ -141,6 +141,7 @@ impl World {
             Some(ScInfo {
                 reclaim_policy: "Delete".into(),
                 mount_options: vec![],
+                ..Default::default()
             }),
         )]
         .into();

@@ -148,6 +148,18 @@ impl Kube {
         Ok(sc.map(|sc| ScInfo {
             reclaim_policy: sc.reclaim_policy.unwrap_or_else(|| "Delete".into()),
             mount_options: sc.mount_options.unwrap_or_default(),
+            allowed_topologies: sc
+                .allowed_topologies
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| {
+                    t.match_label_expressions
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|e| (e.key, e.values))
+                        .collect()
+                })
+                .collect(),
         }))
     }
 

@@ -289,6 +289,7 @@ mod tests {
         let sc = ScInfo {
             reclaim_policy: "Delete".into(),
             mount_options: vec!["noatime".into()],
+            ..Default::default()
         };
         let pv = build_pv(
             &vol(),

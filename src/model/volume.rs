@@ -60,11 +60,28 @@ pub struct NodeInfo {
 
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
-/// The StorageClass fields copied onto PVs.
+/// The StorageClass fields copied onto PVs, and where its volumes may be.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ScInfo {
     pub reclaim_policy: String,
     pub mount_options: Vec<String>,
+    /// `allowedTopologies`: terms ORed, each a list of (label key, values)
+    /// ANDed. Empty: everywhere.
+    pub allowed_topologies: Vec<Vec<(String, Vec<String>)>>,
+}
+
+impl ScInfo {
+    /// Whether a node with these labels lies inside the class's
+    /// `allowedTopologies`. The scheduler checks them only when a volume is
+    /// provisioned, never for an existing PV, so a PV published outside them
+    /// would take claims of the class out of its topology.
+    pub fn allows(&self, node_labels: &BTreeMap<String, String>) -> bool {
+        self.allowed_topologies.is_empty()
+            || self.allowed_topologies.iter().any(|term| {
+                term.iter()
+                    .all(|(k, vals)| node_labels.get(k).is_some_and(|v| vals.contains(v)))
+            })
+    }
 }
 
 /// What was found at a mount point under hostDir or a discovery dir.

@@ -206,6 +206,14 @@ fn report(warning: bool, reason: &'static str, message: String) -> Action {
     }
 }
 
+/// An unclaimed PV, not being deleted: one that may be withdrawn.
+fn unclaimed(pv: &PersistentVolume) -> bool {
+    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+    pv.metadata.deletion_timestamp.is_none()
+        && matches!(phase, None | Some("Available" | "Pending"))
+        && pv.spec.as_ref().is_none_or(|s| s.claim_ref.is_none())
+}
+
 pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut actions = crate::plan::recycle::recycle_plan(input);
     let mut volumes: Vec<Volume> = Vec::new();
@@ -237,7 +245,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             continue;
         };
         let raw = class.volume_mode == VolumeMode::Block || class.publish_fs_type;
-        let publishable = matches!(input.scs.get(class.storage_class()), Some(Some(_)));
+        let publishable = matches!(input.scs.get(class.storage_class()), Some(Some(sc)) if sc.allows(&input.node.labels));
         let has_pv = dev
             .identity()
             .is_some_and(|id| pv_device_ids.contains(id.as_str()));
@@ -485,6 +493,21 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         };
         let desired = build_pv(&v, input.node, sc_name, sc, &input.cfg.topology_keys);
         let name = desired.metadata.name.clone().unwrap_or_default();
+        if !sc.allows(&input.node.labels) {
+            unpublishable.push(class);
+            // One published before the class or the node's labels changed:
+            // while unclaimed, it is withdrawn.
+            if let Some(pv) = existing.get(name.as_str()).filter(|pv| unclaimed(pv)) {
+                actions.push(Action::DeletePv {
+                    name: name.clone(),
+                    uid: pv.metadata.uid.clone().unwrap_or_default(),
+                    resource_version: pv.metadata.resource_version.clone().unwrap_or_default(),
+                    reason: "VolumeWithdrawn",
+                    note: format!("{name}: node {} lies outside the allowedTopologies of StorageClass {sc_name:?}; withdrawn so no claim of the class is bound outside them", input.node.name),
+                });
+            }
+            continue;
+        }
         match existing.get(name.as_str()) {
             None => match v.create_blocked {
                 Some(why) => actions.push(Action::Readopt {
@@ -509,11 +532,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                 // disklet writes it; a claimed one is left as is.
                 let changed = immutable_differences(pv, &desired);
                 if !changed.is_empty() {
-                    let unclaimed = matches!(phase, None | Some("Available" | "Pending"))
-                        && pv.spec.as_ref().is_none_or(|s| s.claim_ref.is_none());
                     let uid = pv.metadata.uid.clone().unwrap_or_default();
                     let fields = changed.join(", ");
-                    if unclaimed {
+                    if unclaimed(pv) {
                         applies.push(Action::DeletePv {
                             name: name.clone(),
                             uid,
@@ -557,14 +578,23 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut reported = BTreeSet::new();
     for class in unpublishable {
         let sc_name = class.storage_class();
-        if reported.insert(sc_name) {
-            actions.push(Action::Report {
+        if !reported.insert(sc_name) {
+            continue;
+        }
+        actions.push(match input.scs.get(sc_name) {
+            Some(Some(_)) => Action::Report {
+                warning: true,
+                reason: "OutsideAllowedTopologies",
+                message: format!("node {} lies outside the allowedTopologies of StorageClass {sc_name:?} (class {:?}): its disks are neither formatted nor published here, since the scheduler would bind claims of the class to them (it checks allowedTopologies only when it provisions)", input.node.name, class.name),
+                subject: Subject::Node,
+            },
+            _ => Action::Report {
                 warning: true,
                 reason: "StorageClassMissing",
                 message: format!("StorageClass {sc_name:?} of class {:?} does not exist; its disks are neither formatted nor published until it does (create it with provisioner kubernetes.io/no-provisioner)", class.name),
                 subject: Subject::Node,
-            });
-        }
+            },
+        });
     }
     actions.extend(applies);
     actions

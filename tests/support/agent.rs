@@ -483,6 +483,7 @@ impl Env {
         let sc = ScInfo {
             reclaim_policy: "Delete".into(),
             mount_options: vec!["noatime".into()],
+            ..Default::default()
         };
         let infos: Vec<NodeInfo> = (0..nodes)
             .map(|i| NodeInfo {
