@@ -70,6 +70,25 @@ pub enum VolumeMode {
     Block,
 }
 
+/// The access mode of a class's PVs. A ReadWriteOncePod claim binds only to a
+/// PV that lists ReadWriteOncePod (which the API lets stand alone); the
+/// scheduler then keeps a second pod off the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum AccessMode {
+    #[default]
+    ReadWriteOnce,
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FsType {
@@ -149,6 +168,10 @@ pub struct Class {
     pub storage_class_name: Option<String>,
     #[serde(default)]
     pub volume_mode: VolumeMode,
+    /// The PVs' access mode: ReadWriteOnce, or ReadWriteOncePod for claims
+    /// that ask for it.
+    #[serde(default)]
+    pub access_mode: AccessMode,
     #[serde(default)]
     pub fs_type: FsType,
     /// A device must look the same for this long before disklet acts on it.
@@ -639,6 +662,7 @@ fn enum_words(key: &str) -> Option<String> {
     let last = last.split('[').next()?;
     match last {
         "volumeMode" => words::<VolumeMode>(),
+        "accessMode" => words::<AccessMode>(),
         "fsType" => words::<FsType>(),
         "blankCheck" => words::<BlankCheck>(),
         "cleanup" => words::<CleanupMethod>(),

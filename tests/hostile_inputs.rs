@@ -164,6 +164,7 @@ classes:
   - name: fast
     storageClassName: local-fast
     volumeMode: Filesystem
+    accessMode: ReadWriteOnce
     fsType: ext4
     settleSeconds: 1
     blankCheck: zeroed
@@ -209,6 +210,7 @@ fn cases() -> Vec<Case> {
     const NAME: &str = "  - name: fast";
     const SC: &str = "    storageClassName: local-fast";
     const VM: &str = "    volumeMode: Filesystem";
+    const AM: &str = "    accessMode: ReadWriteOnce";
     const FS: &str = "    fsType: ext4";
     const SETTLE: &str = "    settleSeconds: 1";
     const BLANK: &str = "    blankCheck: zeroed";
@@ -288,6 +290,9 @@ fn cases() -> Vec<Case> {
         case(&[(SC, "    storageClassName: Local Fast")], "classes[0].storageClassName", "lowercase DNS"),
         case(&[(SC, "    storageClassName: [local-fast]")], "classes[0].storageClassName", "expected a string"),
         case(&[(SC, "    storageclassname: local-fast")], "classes[0].storageclassname", "did you mean `storageClassName`"),
+        // accessMode
+        case(&[(AM, "    accessMode: ReadWriteMany")], "classes[0].accessMode", "`ReadWriteOnce` or `ReadWriteOncePod`"),
+        case(&[(AM, "    accessMode: RWO")], "classes[0].accessMode", "`ReadWriteOnce` or `ReadWriteOncePod`"),
         // volumeMode
         case(&[(VM, "    volumeMode: Raw")], "classes[0].volumeMode", "`Filesystem` or `Block`"),
         case(&[(VM, "    volumeMode: filesystem")], "classes[0].volumeMode", "`Filesystem` or `Block`"),

@@ -607,6 +607,7 @@ fn pv_names_do_not_depend_on_kernel_names() {
         key: "fs:u-1".into(),
         class: "fast".into(),
         mode: disklet::config::VolumeMode::Filesystem,
+        access_mode: Default::default(),
         path: path.into(),
         capacity_bytes: 1,
         fs_type: None,

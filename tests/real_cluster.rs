@@ -624,6 +624,7 @@ fn pv_for(node: &str, key: &str) -> PersistentVolume {
         key: format!("fs:{key}"),
         class: "fast".into(),
         mode: disklet::config::VolumeMode::Filesystem,
+        access_mode: Default::default(),
         path: format!("/var/lib/disklet/fast/{key}/vol").into(),
         capacity_bytes: 1 << 30,
         fs_type: None,
@@ -835,4 +836,167 @@ async fn topology_keys_and_allowed_topologies_keep_the_pods_in_their_zone() {
     )
     .await;
     assert!(p.spec.unwrap().node_name.is_none());
+}
+
+fn unschedulable_because(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"))
+        .and_then(|c| c.message.clone())
+}
+
+async fn wait_unschedulable(s: &Scope, ns: &str, pod: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
+    let p = wait_for(&pods, pod, &format!("{pod} unschedulable"), T, |p| {
+        unschedulable_because(p).is_some()
+    })
+    .await;
+    unschedulable_because(&p).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_claims_and_read_write_once_pod_claims_get_what_the_readme_says() {
+    if skip_unless_root("block_claims_and_read_write_once_pod_claims_get_what_the_readme_says") {
+        return;
+    }
+    let s = Scope::new("modes").await;
+    let sc_raw = s.storage_class("raw", json!({})).await;
+    let sc_rwo = s.storage_class("rwo", json!({})).await;
+    let sc_rwop = s.storage_class("rwop", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            std::fs::create_dir_all(d.join("blockdir")).unwrap();
+            let base = loop_config(
+                d,
+                "",
+                &[("rwo", &sc_rwo, "rwo", ""), ("rwop", &sc_rwop, "rwop", "accessMode: ReadWriteOncePod")],
+            );
+            format!(
+                "{base}  - name: raw\n    storageClassName: {sc_raw}\n    volumeMode: Block\n    discoveryDirs: [{}/blockdir]\n",
+                d.display()
+            )
+        })
+        .await;
+    rig.disk("rwo", "o1", 320);
+    rig.disk("rwop", "p1", 320);
+    let raw_dev = rig.disk("raw", "r1", 128).path().to_string();
+    let link = rig.path().join("blockdir/r1");
+    std::os::unix::fs::symlink(&raw_dev, &link).unwrap();
+    let all = available(&s, &[&rig.node], 3).await;
+    let class =
+        |pv: &PersistentVolume| pv.metadata.labels.as_ref().unwrap()["disklet.io/class"].clone();
+    for pv in &all {
+        let spec = pv.spec.as_ref().unwrap();
+        match class(pv).as_str() {
+            "rwo" => assert_eq!(
+                spec.access_modes.as_deref(),
+                Some(&["ReadWriteOnce".to_string()][..])
+            ),
+            "rwop" => assert_eq!(
+                spec.access_modes.as_deref(),
+                Some(&["ReadWriteOncePod".to_string()][..])
+            ),
+            "raw" => {
+                assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
+                assert_eq!(local_path(pv), link);
+            }
+            c => panic!("class {c}"),
+        }
+    }
+    let raw_pv = all.iter().find(|p| class(p) == "raw").unwrap().clone();
+    let ns = s.namespace("modes").await;
+
+    // Block: a Filesystem claim does not bind the raw PV; a Block claim does.
+    claim_and_pod(&s, &ns, "fs-on-raw", &sc_raw, None, json!({})).await;
+    let why = wait_unschedulable(&s, &ns, "fs-on-raw").await;
+    assert!(
+        why.contains("didn't find available persistent volumes to bind"),
+        "{why}"
+    );
+    claim_and_pod(
+        &s,
+        &ns,
+        "blk",
+        &sc_raw,
+        None,
+        json!({"volumeMode": "Block"}),
+    )
+    .await;
+    let bound = bound_pv(&s, &ns, "blk").await;
+    assert_eq!(name_of(&bound), name_of(&raw_pv));
+    // The container writes to the device; released, it is cleaned before the
+    // volume is offered again (same entry, same name, a new PV).
+    sh(&[
+        "dd",
+        "if=/dev/urandom",
+        &format!("of={raw_dev}"),
+        "bs=1M",
+        "count=1",
+        "oflag=direct",
+        "status=none",
+    ]);
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "blk").await;
+    delete(&pods, "fs-on-raw").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "blk").await;
+    delete(&pvcs, "fs-on-raw").await;
+    wait_for(
+        &pvs(&s),
+        &name_of(&raw_pv),
+        "the raw PV published again, a new object",
+        T,
+        |pv| pv.metadata.uid != raw_pv.metadata.uid && phase(pv) == "Available",
+    )
+    .await;
+    let head = std::fs::read(&raw_dev).unwrap();
+    assert!(
+        head[..1 << 20].iter().all(|b| *b == 0),
+        "the first tenant's bytes are gone"
+    );
+
+    // ReadWriteOncePod: a claim for it never binds a ReadWriteOnce PV (the PV
+    // controller matches access modes), and binds one of a class that
+    // publishes ReadWriteOncePod; the scheduler keeps a second pod off it.
+    claim_and_pod(
+        &s,
+        &ns,
+        "rwop-on-rwo",
+        &sc_rwo,
+        None,
+        json!({"accessModes": ["ReadWriteOncePod"]}),
+    )
+    .await;
+    let why = wait_unschedulable(&s, &ns, "rwop-on-rwo").await;
+    assert!(
+        why.contains("didn't find available persistent volumes to bind"),
+        "{why}"
+    );
+    claim_and_pod(
+        &s,
+        &ns,
+        "solo",
+        &sc_rwop,
+        None,
+        json!({"accessModes": ["ReadWriteOncePod"]}),
+    )
+    .await;
+    running_pod(&s, &ns, "solo").await;
+    let pv = bound_pv(&s, &ns, "solo").await;
+    assert_eq!(class(&pv), "rwop");
+    s.apply_json(&json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "second", "namespace": ns},
+        "spec": {"containers": [{"name": "app", "image": "busybox:1.36.1"}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "solo"}}]}
+    }))
+    .await;
+    let why = wait_unschedulable(&s, &ns, "second").await;
+    assert!(
+        why.contains("ReadWriteOncePod access mode already in-use"),
+        "{why}"
+    );
 }

@@ -102,7 +102,7 @@ pub fn build_pv(
         },
         spec: Some(PersistentVolumeSpec {
             capacity: Some([("storage".to_string(), Quantity(quantity(v.capacity_bytes)))].into()),
-            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            access_modes: Some(vec![v.access_mode.as_str().to_string()]),
             volume_mode: Some(match v.mode {
                 VolumeMode::Filesystem => "Filesystem".to_string(),
                 VolumeMode::Block => "Block".to_string(),
@@ -249,6 +249,7 @@ mod tests {
             key: "fs:1234".into(),
             class: "fast".into(),
             mode: VolumeMode::Filesystem,
+            access_mode: Default::default(),
             path: PathBuf::from("/var/lib/disklet/fast/1234/vol"),
             capacity_bytes: 322_961_408,
             fs_type: None,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{DevNo, Device, Inventory};
-use crate::config::VolumeMode;
+use crate::config::{AccessMode, VolumeMode};
 
 /// What must not change between planning a format and running it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -153,6 +153,7 @@ pub struct Volume {
     pub key: String,
     pub class: String,
     pub mode: VolumeMode,
+    pub access_mode: AccessMode,
     /// `spec.local.path`.
     pub path: PathBuf,
     pub capacity_bytes: u64,

@@ -305,6 +305,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     key: format!("dev:{id}"),
                     class: class.name.clone(),
                     mode: class.volume_mode,
+                    access_mode: class.access_mode,
                     path,
                     capacity_bytes: dev.size_bytes,
                     fs_type: class
@@ -388,6 +389,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                             key: format!("fs:{uuid}"),
                             class: class.name.clone(),
                             mode: VolumeMode::Filesystem,
+                            access_mode: class.access_mode,
                             path: vol_dir(&target),
                             capacity_bytes: f.capacity_bytes,
                             fs_type: None,
@@ -466,6 +468,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             key: format!("dir:{}", e.path.display()),
             class: class.name.clone(),
             mode: class.volume_mode,
+            access_mode: class.access_mode,
             path: e.path.clone(),
             capacity_bytes: capacity,
             fs_type: None,

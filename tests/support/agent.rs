@@ -506,6 +506,7 @@ impl Env {
                 key: format!("fs:{uuid}"),
                 class: "fast".into(),
                 mode: disklet::config::VolumeMode::Filesystem,
+                access_mode: Default::default(),
                 path: PathBuf::from(format!("/var/lib/disklet/fast/{uuid}/vol")),
                 capacity_bytes: 3_998_614_470_656,
                 fs_type: None,
