@@ -420,6 +420,18 @@ async fn scale_down_and_delete_the_claim_recycles_after_kubelets_unmount() {
         0,
         "the fresh volume is empty"
     );
+    assert!(!vol.exists(), "the old path is gone with the old mount");
+    assert_eq!(
+        support::agent::blkid(rig.loops[0].path(), "UUID"),
+        ann(&fresh, "disklet.io/fs-uuid").unwrap(),
+        "the fresh PV names the disk's new filesystem"
+    );
+    let ev = events_about(&s, &rig.node).await;
+    let ev_pv = events_about(&s, &name_of(&first)).await;
+    assert!(
+        ev.iter().chain(&ev_pv).any(|(_, r, _)| r == "Recycled"),
+        "{ev:?} {ev_pv:?}"
+    );
 
     // Scaling up binds the fresh, empty volume.
     scale(&s, &ns, "local-demo", 1).await;
@@ -572,8 +584,12 @@ async fn pulled_disks_an_available_pv_is_withdrawn_and_a_bound_one_marked() {
     let ns = s.namespace("app").await;
     claim_and_pod(&s, &ns, "c0", &sc, None, json!({})).await;
     let bound = bound_pv(&s, &ns, "c0").await;
+    let avail_name = all_names(&list(&pvs(&s), &nodes_selector(&[&rig.node])).await)
+        .into_iter()
+        .find(|n| *n != name_of(&bound))
+        .unwrap();
     // Both disks go.
-    rig.pull(|_| true);
+    let files = rig.pull(|_| true);
     let left = wait_list(
         &pvs(&s),
         &nodes_selector(&[&rig.node]),
@@ -609,6 +625,100 @@ async fn pulled_disks_an_available_pv_is_withdrawn_and_a_bound_one_marked() {
             .any(|(t, r, _)| t == "Warning" && r == "DeviceMissing"),
         "{ev:?}"
     );
+
+    // The same disks come back (under whatever loop numbers): the withdrawn
+    // PV is published again under its old name, the mark is cleared, and the
+    // waiting pod gets it.
+    for f in &files {
+        rig.plug(f);
+    }
+    let back = wait_list(
+        &pvs(&s),
+        &nodes_selector(&[&rig.node]),
+        "the PVs back, unmarked",
+        T,
+        |p| {
+            p.len() == 2
+                && p.iter()
+                    .all(|pv| ann(pv, "disklet.io/device-state").is_none())
+        },
+    )
+    .await;
+    assert!(
+        all_names(&back).contains(&avail_name),
+        "same disk, same PV name"
+    );
+    let got = bound_pv(&s, &ns, "c1").await;
+    assert_eq!(name_of(&got), avail_name);
+}
+
+fn all_names(pvs: &[PersistentVolume]) -> Vec<String> {
+    pvs.iter().map(name_of).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_dir_volume_is_cleaned_file_by_file_and_published_again() {
+    if skip_unless_root("a_discovery_dir_volume_is_cleaned_file_by_file_and_published_again") {
+        return;
+    }
+    let s = Scope::new("discovery").await;
+    let sc = s.storage_class("dirs", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            std::fs::create_dir_all(d.join("discovery")).unwrap();
+            format!(
+                "hostDir: {0}/hostdir\nkubeletDir: {0}/kubelet\nmountInfo: /proc/self/mountinfo\nclasses:\n  - name: dirs\n    storageClassName: {sc}\n    discoveryDirs: [{0}/discovery]\n",
+                d.display()
+            )
+        })
+        .await;
+    // The admin prepares a filesystem and mounts it in the discovery dir.
+    let dev = rig.disk("prepared", "p1", 128).path().to_string();
+    let file = rig.loops[0].file.clone();
+    sh(&["mkfs.ext4", "-q", &dev]);
+    let entry = rig.path().join("discovery/vol1");
+    let _m = Mounted::new(&dev, &entry);
+    let first = available(&s, &[&rig.node], 1).await.remove(0);
+    assert_eq!(local_path(&first), entry);
+    assert_eq!(
+        ann(&first, "disklet.io/device-id"),
+        Some(format!("loop-file:{}", file.display()).as_str())
+    );
+    let ns = s.namespace("app").await;
+    claim_and_pod(&s, &ns, "d-0", &sc, None, json!({})).await;
+    let bound = bound_pv(&s, &ns, "d-0").await;
+    std::fs::create_dir_all(entry.join("a/b")).unwrap();
+    std::fs::write(entry.join("a/b/old"), "old tenant").unwrap();
+    // A symlink out of the volume: the cleanup must unlink it, not follow it.
+    let outside = rig.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "not the volume's").unwrap();
+    std::os::unix::fs::symlink(&outside, entry.join("escape")).unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "d-0").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "d-0").await;
+    wait_for(
+        &pvs(&s),
+        &name_of(&bound),
+        "published again, a new object",
+        T,
+        |pv| pv.metadata.uid != bound.metadata.uid && phase(pv) == "Available",
+    )
+    .await;
+    let left: Vec<_> = std::fs::read_dir(&entry)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.iter().all(|n| n == "lost+found"),
+        "only what mkfs made may stay: {left:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join("keep")).unwrap(),
+        "not the volume's"
+    );
+    drop(rig.agent.take());
 }
 
 /// A PV as disklet builds it for `node` (hostname label = node name).
