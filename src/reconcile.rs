@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use kube::runtime::reflector::Store;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -76,7 +77,40 @@ pub struct Agent {
     reported: HashMap<String, Instant>,
     /// Per PV: failed cleanups so far and when the next try is due.
     retry: HashMap<String, (u32, Instant)>,
+    /// PVs this agent created or deleted that its watch may not show yet:
+    /// the next pass waits for them (a bounded wait), so that it does not
+    /// decide again on a view without its own writes.
+    written: Vec<Written>,
 }
+
+/// A write of this agent the PV watch has to show before the next pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Written {
+    /// Created with this uid.
+    Created { name: String, uid: String },
+    /// Deleted (the object of this uid).
+    Deleted { name: String, uid: String },
+}
+
+impl Written {
+    /// Whether `store` shows the write.
+    fn seen(&self, store: &Store<PersistentVolume>) -> bool {
+        let uid_in_store = |name: &str| {
+            store
+                .get(&kube::runtime::reflector::ObjectRef::new(name))
+                .and_then(|p| p.metadata.uid.clone())
+        };
+        match self {
+            Written::Created { name, uid } => uid_in_store(name).as_deref() == Some(uid.as_str()),
+            Written::Deleted { name, uid } => uid_in_store(name).as_deref() != Some(uid.as_str()),
+        }
+    }
+}
+
+/// How long a pass waits for the watch to show the last pass's writes; past
+/// it the pass goes on (what it may then redo is idempotent: an apply of the
+/// same object, a delete with preconditions).
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 
 const REPORT_EVERY: Duration = Duration::from_secs(600);
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -104,6 +138,7 @@ impl Agent {
             stable: HashMap::new(),
             reported: HashMap::new(),
             retry: HashMap::new(),
+            written: Vec::new(),
         }
     }
 
@@ -462,6 +497,12 @@ impl Agent {
                     Ok(applied) => {
                         info!(pv = name, create, "PV applied");
                         if create {
+                            if let Some(uid) = applied.metadata.uid.clone() {
+                                self.written.push(Written::Created {
+                                    name: name.clone(),
+                                    uid,
+                                });
+                            }
                             let path = pv
                                 .spec
                                 .as_ref()
@@ -502,6 +543,10 @@ impl Agent {
                     Ok(()) => {
                         crate::failpoint::hit("delete-after");
                         info!(pv = name, reason, "PV deleted");
+                        self.written.push(Written::Deleted {
+                            name: name.clone(),
+                            uid: uid.clone(),
+                        });
                         self.kube
                             .event(
                                 node_obj,
@@ -961,7 +1006,8 @@ impl Agent {
             .collect();
         let _dir_watch = events::watch_dirs(&dirs, tx.clone());
         let (pv_tx, mut pv_rx) = mpsc::channel::<()>(16);
-        let (store, drive) = self.kube.pv_reflector(pv_tx);
+        let seen = Arc::new(tokio::sync::Notify::new());
+        let (store, drive) = self.kube.pv_reflector(pv_tx, seen.clone());
         let watch = tokio::spawn(drive);
         let fwd_tx = tx.clone();
         let fwd = tokio::spawn(async move {
@@ -1026,6 +1072,7 @@ impl Agent {
                 passes += 1;
                 let pass = async {
                     if pvs_listed().await {
+                        self.await_own_writes(&store, &seen).await;
                         let pvs: Vec<PersistentVolume> =
                             store.state().iter().map(|p| (**p).clone()).collect();
                         self.reconcile(&pvs).await
@@ -1084,6 +1131,35 @@ impl Agent {
         watch.abort();
         fwd.abort();
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Waits (at most `READ_YOUR_WRITES`) until the PV watch shows the PVs
+    /// this agent created or deleted in its last pass. Without it a pass
+    /// right after one that created a PV may not see it and apply it again
+    /// (seen with a slow API server: tests/agent_api_faults.rs).
+    async fn await_own_writes(
+        &mut self,
+        store: &Store<PersistentVolume>,
+        seen: &tokio::sync::Notify,
+    ) {
+        let deadline = tokio::time::Instant::now() + READ_YOUR_WRITES;
+        loop {
+            // Registered before the check, so no change is missed between.
+            let notified = seen.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            self.written.retain(|w| !w.seen(store));
+            if self.written.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                debug!(writes = ?self.written, "the PV watch does not show this agent's last writes yet; deciding without them");
+                self.written.clear();
+                return;
+            }
+        }
     }
 }
 

@@ -313,6 +313,7 @@ impl Kube {
     pub fn pv_reflector(
         &self,
         kick: mpsc::Sender<()>,
+        seen: Arc<tokio::sync::Notify>,
     ) -> (
         Store<PersistentVolume>,
         impl std::future::Future<Output = ()> + Send + 'static,
@@ -327,7 +328,9 @@ impl Kube {
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
                 match item {
+                    // The store holds the change by now.
                     Ok(_) => {
+                        seen.notify_waiters();
                         let _ = kick.try_send(());
                     }
                     // Not a kick: nothing changed, and a failing watch must

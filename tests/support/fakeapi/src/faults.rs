@@ -141,6 +141,7 @@ struct FaultState {
     rules: Vec<(FaultId, FaultRule)>,
     expire_watch: Vec<(Option<String>, u32)>,
     outage: Option<OutageKind>,
+    watch_lag: Duration,
 }
 
 /// What the request path must do, decided by [`Faults::check`].
@@ -198,6 +199,7 @@ impl Faults {
             st.rules.clear();
             st.expire_watch.clear();
             st.outage = None;
+            st.watch_lag = Duration::ZERO;
         }
         self.outage_tx.send_replace(None);
     }
@@ -216,6 +218,17 @@ impl Faults {
     /// when None, but not unset/"0") gets an ERROR event with 410 Expired.
     pub fn expire_next_watch(&self, rv: Option<&str>) {
         self.lock().expire_watch.push((rv.map(str::to_string), 1));
+    }
+
+    /// Hold every watch event (not the initial list) this long before it is
+    /// sent, on every open and later watch: a watch that lags behind the
+    /// writes, as a loaded apiserver's can. Zero ends it.
+    pub fn watch_lag(&self, lag: Duration) {
+        self.lock().watch_lag = lag;
+    }
+
+    pub(crate) fn current_watch_lag(&self) -> Duration {
+        self.lock().watch_lag
     }
 
     /// Start an outage until [`Faults::end_outage`] or [`Faults::clear`].

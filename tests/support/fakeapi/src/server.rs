@@ -938,6 +938,7 @@ async fn watch(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let interval = state.opts.bookmark_interval;
     let rid = r.rid;
+    let faults = state.faults.clone();
     tokio::spawn(async move {
         for line in initial {
             if tx.send(line).await.is_err() {
@@ -968,6 +969,10 @@ async fn watch(
                         if e.rv <= last_rv { continue; }
                         last_rv = e.rv;
                         if let Some((t, o)) = filter.translate(&e) {
+                            let lag = faults.current_watch_lag();
+                            if !lag.is_zero() {
+                                tokio::time::sleep(lag).await;
+                            }
                             if tx.send(line(t, &o)).await.is_err() { return; }
                         }
                     }
