@@ -3,6 +3,13 @@
 //! publish, without udevd and with a real udevd. The agent is the real
 //! `disklet run` binary against the fake API server, settleSeconds 0.
 //!
+//! A third run (`HOTADD_BENCH_ONLY=real` runs only it) is against the real
+//! control plane (tests/support/cluster.rs): a pod with a claim, pinned to the
+//! node, waits (unschedulable) before each disk is attached; measured are
+//! attach → PV Available and attach → the claim Bound by the real PV
+//! controller after the real scheduler placed the pod, against one mkfs.xfs
+//! of the same size measured in the same run.
+//!
 //! Phases come from the agent's JSON log timestamps (same clock):
 //!   detect  = attach → first device event the agent logs for that loop
 //!   probe   = that event → start of the format (debounce, observe, decide, interlocks)
@@ -152,6 +159,111 @@ fn report(title: &str, s: &[Sample]) {
     );
 }
 
+/// attach → PV Available, attach → claim Bound, and mkfs.xfs alone, seconds.
+async fn run_real() -> Vec<(f64, f64, f64)> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+    use kube::api::Api;
+    use serde_json::json;
+    use support::cluster::*;
+    let s = Scope::new("hotadd-bench").await;
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .rig("n1", &[], |d| {
+            loop_config(d, "", &[("fast", &sc, "disks", "")])
+        })
+        .await;
+    rig.agent().wait_log("ready: first reconcile done");
+    let ns = s.namespace("bench").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let pvs: Api<PersistentVolume> = Api::all(s.client.clone());
+    let t = Duration::from_secs(90);
+    let scratch = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    for i in 0..DISKS {
+        let name = format!("c{i}");
+        s.apply_json(&json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"storageClassName": sc, "accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": "100Mi"}}}
+        }))
+        .await;
+        s.apply_json(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": rig.node},
+                     "containers": [{"name": "app", "image": "busybox:1.36.1"}],
+                     "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": name}}]}
+        }))
+        .await;
+        wait_for(&pods, &name, "the pod waiting for a volume", t, |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.reason.as_deref() == Some("Unschedulable"))
+                })
+        })
+        .await;
+        let before = list(&pvs, &nodes_selector(&[&rig.node])).await.len();
+        let t0 = now();
+        rig.disk("disks", &format!("d{i}"), 320);
+        let sel = nodes_selector(&[&rig.node]);
+        let avail = async {
+            wait_list(&pvs, &sel, "a new PV", t, |p| p.len() > before).await;
+            now()
+        };
+        let bound = async {
+            wait_for(&pvcs, &name, "the claim Bound", t, |c| {
+                c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+            })
+            .await;
+            now()
+        };
+        let (ta, tb) = tokio::join!(avail, bound);
+        // The same mkfs.xfs the agent runs, on a file of the same size.
+        let img = scratch.path().join(format!("m{i}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(320 << 20)
+            .unwrap();
+        let m0 = now();
+        support::sh(&["mkfs.xfs", "-q", "-L", "disklet", img.to_str().unwrap()]);
+        let mkfs = now() - m0;
+        out.push((ta - t0, tb - t0, mkfs));
+    }
+    drop(rig.agent.take());
+    out
+}
+
+fn report_real(s: &[(f64, f64, f64)]) {
+    println!("real control plane: {} disks, seconds (p50 / p95)", s.len());
+    let mut a: Vec<f64> = s.iter().map(|x| x.0).collect();
+    let mut b: Vec<f64> = s.iter().map(|x| x.1).collect();
+    let mut m: Vec<f64> = s.iter().map(|x| x.2).collect();
+    let (m50, m95) = (pct(&mut m, 0.5), pct(&mut m, 0.95));
+    let (a50, a95) = (pct(&mut a, 0.5), pct(&mut a, 0.95));
+    let (b50, b95) = (pct(&mut b, 0.5), pct(&mut b, 0.95));
+    println!(
+        "  {:<30} {m50:8.4} / {m95:8.4}",
+        "mkfs.xfs alone (baseline)"
+    );
+    println!(
+        "  {:<30} {a50:8.4} / {a95:8.4}   ({:.1}x / {:.1}x mkfs)",
+        "attach -> PV Available",
+        a50 / m50,
+        a95 / m95
+    );
+    println!(
+        "  {:<30} {b50:8.4} / {b95:8.4}   ({:.1}x / {:.1}x mkfs)",
+        "attach -> waiting claim Bound",
+        b50 / m50,
+        b95 / m95
+    );
+}
+
 fn main() {
     if support::skip_unless_root("hotadd bench") {
         return;
@@ -161,6 +273,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let only_real = std::env::var("HOTADD_BENCH_ONLY").as_deref() == Ok("real");
+    if only_real {
+        let s = rt.block_on(run_real());
+        report_real(&s);
+        return;
+    }
     if support::udevd_alive() {
         println!("a udevd not started by this bench is running; skipping the no-udevd run");
     } else {
@@ -174,4 +292,6 @@ fn main() {
         }
         None => println!("systemd-udevd not installed: no udevd run"),
     }
+    let s = rt.block_on(run_real());
+    report_real(&s);
 }
