@@ -15,7 +15,14 @@
 //!    minute over a 60 s steady-state window (resyncSeconds 10), mean and max
 //!    over the agents, and the ratios 100,000 / 0.
 //!
-//! `LOAD_BENCH_ONLY=disks` or `=agents` runs one part.
+//! 3. The real control plane (tests/support/cluster.rs): 20 agents, each on
+//!    a kwok Node with one loop device and a token bound to the DaemonSet's
+//!    pod, against the real apiserver with 0, then (restarted) 20,000 PVs of
+//!    100 other nodes in etcd: RSS, requests per pass and per minute from
+//!    the apiserver's audit log (by the node the token is bound to) over a
+//!    60 s window (resyncSeconds 3), and the ratios 20,000 / 0.
+//!
+//! `LOAD_BENCH_ONLY=disks`, `=agents` or `=real` runs one part.
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -304,6 +311,64 @@ fn main() {
     if only.is_empty() || only == "agents" {
         agents_part(&rt);
     }
+    if only.is_empty() || only == "real" {
+        real_part(&rt);
+    }
+}
+
+fn real_part(rt: &tokio::runtime::Runtime) {
+    use support::load::{max, mean, Fig};
+    const REAL_AGENTS: usize = 20;
+    const REAL_FOREIGN: usize = 20_000;
+    let r = rt.block_on(support::load::run(
+        REAL_AGENTS,
+        REAL_FOREIGN,
+        Duration::from_secs(60),
+    ));
+    println!(
+        "{} agents against the real apiserver, {}-s window (mean / max per agent); {} foreign PVs created in {:.1} s",
+        r.agents,
+        r.window.as_secs(),
+        r.foreign,
+        r.seed_s
+    );
+    println!(
+        "  {:<26} {:>17} {:>17} {:>8}",
+        "", "0 foreign", "20,000 foreign", "ratio"
+    );
+    let minutes = r.window.as_secs_f64() / 60.0;
+    type Row = (&'static str, Box<dyn Fn(&Fig) -> f64>);
+    let rows: [Row; 6] = [
+        ("RSS idle, MiB", Box::new(|f| f.rss_mib)),
+        ("RSS peak (VmHWM), MiB", Box::new(|f| f.hwm_mib)),
+        (
+            "API requests / minute",
+            Box::new(move |f| f.requests() as f64 / minutes),
+        ),
+        (
+            "reconcile passes / minute",
+            Box::new(move |f| f.passes / minutes),
+        ),
+        ("API requests / pass", Box::new(|f| f.requests_per_pass())),
+        ("restart -> ready, s", Box::new(|f| f.ready_s)),
+    ];
+    for (name, f) in rows {
+        let (bm, bx) = (mean(&r.base, &f), max(&r.base, &f));
+        let (lm, lx) = (mean(&r.loaded, &f), max(&r.loaded, &f));
+        println!(
+            "  {name:<26} {bm:>8.2} / {bx:>6.2} {lm:>8.2} / {lx:>6.2} {:>8.2}",
+            lm / bm
+        );
+    }
+    print_kinds(
+        r.base.iter().map(|f| &f.kinds),
+        r.loaded.iter().map(|f| &f.kinds),
+    );
+    println!(
+        "  PV lists/watches without the node's selector: {}; refused requests: {}",
+        r.unscoped.len(),
+        r.refused.len()
+    );
 }
 
 fn disks_part(rt: &tokio::runtime::Runtime, cpus: usize) {
@@ -407,16 +472,29 @@ fn agents_part(rt: &tokio::runtime::Runtime) {
             lm / bm
         );
     }
-    let kinds = |v: &[Fig]| {
+    print_kinds(
+        base.iter().map(|f| &f.kinds),
+        loaded.iter().map(|f| &f.kinds),
+    );
+}
+
+/// Requests in the window by kind, summed over the agents, without and with
+/// the foreign PVs.
+fn print_kinds<'a>(
+    base: impl Iterator<Item = &'a BTreeMap<String, usize>>,
+    loaded: impl Iterator<Item = &'a BTreeMap<String, usize>>,
+) {
+    let sum = |v: &mut dyn Iterator<Item = &'a BTreeMap<String, usize>>| {
         let mut all: BTreeMap<String, usize> = BTreeMap::new();
-        for f in v {
-            for (k, n) in &f.kinds {
+        for m in v {
+            for (k, n) in m {
                 *all.entry(k.clone()).or_insert(0) += n;
             }
         }
         all
     };
-    let (kb, kl) = (kinds(&base), kinds(&loaded));
+    let (mut base, mut loaded) = (base, loaded);
+    let (kb, kl) = (sum(&mut base), sum(&mut loaded));
     let keys: std::collections::BTreeSet<&String> = kb.keys().chain(kl.keys()).collect();
     println!("  requests in the window, all agents:");
     for k in keys {

@@ -133,8 +133,6 @@ pub const NEEDED: &[(&str, &str, &str)] = &[
     ("", "persistentvolumes", "patch"),
     ("", "persistentvolumes", "delete"),
     ("storage.k8s.io", "storageclasses", "get"),
-    ("storage.k8s.io", "storageclasses", "list"),
-    ("storage.k8s.io", "storageclasses", "watch"),
     ("", "nodes", "get"),
     ("events.k8s.io", "events", "create"),
     ("events.k8s.io", "events", "patch"),

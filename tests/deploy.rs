@@ -66,13 +66,8 @@ fn expected_rbac() -> BTreeMap<(String, String), BTreeSet<String>> {
         "persistentvolumes",
         &["get", "list", "watch", "create", "patch", "delete"],
     );
-    put(
-        "storage.k8s.io",
-        "storageclasses",
-        &["get", "list", "watch"],
-    );
+    put("storage.k8s.io", "storageclasses", &["get"]);
     put("", "nodes", &["get"]);
-    put("", "events", &["create", "patch"]);
     put("events.k8s.io", "events", &["create", "patch"]);
     m
 }
@@ -1163,6 +1158,11 @@ fn checks_catch_every_broken_field() {
             "RBAC verbs",
         ),
         (
+            "storageclasses list",
+            |o| rule(o, "storageclasses")["verbs"] = json!(["get", "list", "watch"]),
+            "RBAC verbs",
+        ),
+        (
             "nodes list",
             |o| rule(o, "nodes")["verbs"] = json!(["get", "list"]),
             "RBAC verbs",
@@ -1186,13 +1186,14 @@ fn checks_catch_every_broken_field() {
             "does not use",
         ),
         (
-            "core events dropped",
+            "events dropped",
             |o| {
                 let r = rules(o);
                 let i = r
                     .iter()
                     .position(|x| {
-                        x["apiGroups"] == json!([""]) && x["resources"] == json!(["events"])
+                        x["apiGroups"] == json!(["events.k8s.io"])
+                            && x["resources"] == json!(["events"])
                     })
                     .unwrap();
                 r.remove(i);

@@ -44,7 +44,7 @@ async fn doctor_names_what_is_wrong_and_how_to_fix_it() {
         "OK    mkfs.xfs",
         "API server",
         "OK    RBAC",
-        "all 12 permissions granted",
+        "all 10 permissions granted",
         "OK    Node",
         "OK    kubelet dir",
     ] {

@@ -184,6 +184,37 @@ async fn deploy_and_its_overlays_are_accepted_and_its_rbac_is_what_the_agent_nee
         !log.contains("forbidden"),
         "the agent was refused something:\n{log}"
     );
+    // The apiserver's own record of the agents' requests (by the node each
+    // token is bound to): none refused, and each grant of deploy/ used.
+    let audit: Vec<_> = s
+        .cluster
+        .audit()
+        .into_iter()
+        // (not the test's own dry-run probe of the policy)
+        .filter(|a| a.node == rig.node && a.name != "disklet-policy-probe")
+        .collect();
+    let refused: Vec<String> = audit
+        .iter()
+        .filter(|a| a.code == 401 || a.code == 403)
+        .map(|a| format!("{} {} {}", a.code, a.verb, a.uri))
+        .collect();
+    assert!(refused.is_empty(), "refused: {refused:#?}");
+    let used: std::collections::BTreeSet<String> = audit
+        .iter()
+        .map(|a| format!("{} {}", a.verb, a.resource))
+        .collect();
+    eprintln!("the agent's requests: {used:?}");
+    for want in [
+        "get nodes",
+        "list persistentvolumes",
+        "watch persistentvolumes",
+        "patch persistentvolumes",
+        "delete persistentvolumes",
+        "get storageclasses",
+        "create events",
+    ] {
+        assert!(used.contains(want), "never used: {want} (used: {used:?})");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

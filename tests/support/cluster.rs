@@ -146,10 +146,14 @@ impl Cluster {
     }
 
     /// The apiserver's audit record of every request made with a token of a
-    /// ServiceAccount in `disklet-system` (the agents'), oldest first.
+    /// ServiceAccount in `disklet-system` (the agents'), one per request,
+    /// oldest first: a watch is there from when its response started.
     pub fn audit(&self) -> Vec<Audit> {
         let text = std::fs::read_to_string(self.dir.join("logs/audit.log")).unwrap_or_default();
-        text.lines()
+        let mut out: Vec<Audit> = Vec::new();
+        let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let records = text
+            .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .map(|v| {
                 let s = |p: &str| {
@@ -169,9 +173,24 @@ impl Cluster {
                         .and_then(|c| c.as_u64())
                         .unwrap_or(0) as u16,
                     user_agent: s("/userAgent"),
+                    uri: s("/requestURI"),
+                    message: s("/responseStatus/message"),
+                    stage: s("/stage"),
+                    id: s("/auditID"),
                 }
-            })
-            .collect()
+            });
+        // A long-running request (a watch) has a record when its response
+        // starts and one when it ends: the later one (its final code) wins.
+        for a in records {
+            match at.get(&a.id) {
+                Some(&i) => out[i] = a,
+                None => {
+                    at.insert(a.id.clone(), out.len());
+                    out.push(a);
+                }
+            }
+        }
+        out
     }
 
     /// The components' logs, copied to `target/cluster-logs/<name>/`.
@@ -208,6 +227,49 @@ pub struct Audit {
     pub name: String,
     pub code: u16,
     pub user_agent: String,
+    /// Path and query as sent.
+    pub uri: String,
+    /// The error's message, if it failed.
+    pub message: String,
+    /// `ResponseStarted` (a watch still open) or `ResponseComplete`.
+    pub stage: String,
+    pub id: String,
+}
+
+impl Audit {
+    /// A query parameter of the request, decoded.
+    pub fn query(&self, key: &str) -> Option<String> {
+        let q = self.uri.split_once('?')?.1;
+        q.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == key).then(|| percent_decode(v))
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match h.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(x) => {
+                        out.push(x);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Waits until the object `name` exists and `pred` holds for it, on a watch.

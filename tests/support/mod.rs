@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod binder;
 pub mod cluster;
+pub mod load;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
