@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{AccessMode, VolumeMode};
 use crate::model::{DeviceKind, Quantity};
 
 /// Exit code for any configuration problem.
@@ -59,32 +60,6 @@ impl Default for Config {
             topology_keys: Vec::new(),
             resync_seconds: default_resync(),
             classes: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum VolumeMode {
-    #[default]
-    Filesystem,
-    Block,
-}
-
-/// The access mode of a class's PVs. A ReadWriteOncePod claim binds only to a
-/// PV that lists ReadWriteOncePod (which the API lets stand alone); the
-/// scheduler then keeps a second pod off the claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum AccessMode {
-    #[default]
-    ReadWriteOnce,
-    ReadWriteOncePod,
-}
-
-impl AccessMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AccessMode::ReadWriteOnce => "ReadWriteOnce",
-            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
         }
     }
 }

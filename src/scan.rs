@@ -6,8 +6,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::host::{BlockDevices, HostError, HostTables, Prober};
+use crate::model::PendingReason;
 use crate::model::{format_bytes, Device, DirEntryKind, Inventory, Signature, UdevState};
-use crate::plan::{evaluate, Classes, Decision, NodeFacts, PendingReason, Verdict};
+use crate::plan::{evaluate, Classes, Decision, NodeFacts, Verdict};
 
 /// One device in the report. The JSON field names are a stable interface.
 #[derive(Debug, Clone, Serialize)]

@@ -40,6 +40,20 @@ async fn one_disk_published() -> Published {
     let agent = Agent::start(&env, "agent", "node-a", &config(env.path()));
     let _a = Loop::new(&env.path().join("disks"), "a", 320);
     let before = env.wait_pvs(SEL, "the first PV", |p| p.len() == 1).await;
+    // The server shows the PV before it logs the apply that made it (the
+    // log entry is written once the answer is sent): wait for the entry, so
+    // that a test clearing the log next does not see the first apply after.
+    let name = before[0].metadata.name.clone().unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !env.server.requests().iter().any(|r| {
+        r.verb == Some(Verb::Patch) && r.path.ends_with(&format!("/persistentvolumes/{name}"))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the apply of {name} never reached the request log"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Published {
         agent,
         _sweep,

@@ -124,7 +124,7 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
     let fs_size = disklet::host::dirs::fs_capacity(&target).unwrap();
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        disklet::k8s::pv::quantity(fs_size),
+        disklet::model::quantity::exact(fs_size),
         "capacity is the filesystem's size"
     );
     assert!(fs_size > 250 << 20 && fs_size < 320 << 20);
@@ -315,7 +315,7 @@ async fn discovery_dirs_raw_without_udev_and_a_missing_storage_class() {
     assert_eq!(spec(dir_pv).volume_mode.as_deref(), Some("Filesystem"));
     assert_eq!(
         spec(dir_pv).capacity.as_ref().unwrap()["storage"].0,
-        disklet::k8s::pv::quantity(disklet::host::dirs::fs_capacity(&entry).unwrap())
+        disklet::model::quantity::exact(disklet::host::dirs::fs_capacity(&entry).unwrap())
     );
     assert_eq!(
         ann(dir_pv, "disklet.io/volume-key"),

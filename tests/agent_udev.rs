@@ -58,7 +58,7 @@ async fn block_mode_publishes_the_by_id_path_udev_made() {
     assert_eq!(ann["disklet.io/by-id"], link);
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        disklet::k8s::pv::quantity(64u64 << 20)
+        disklet::model::quantity::exact(64u64 << 20)
     );
     drop(agent);
 }

@@ -11,7 +11,8 @@ use disklet::model::{
     DevNo, Device, DeviceKind, Exclusive, FormatIntent, Inventory, MountEntry, Probe, Signature,
     SwapEntry, UdevState, OWNER_LABEL,
 };
-use disklet::plan::{evaluate, Classes, Decision, NodeFacts, PendingReason, Reason, Verdict};
+use disklet::model::{PendingReason, Reason};
+use disklet::plan::{evaluate, Classes, Decision, NodeFacts, Verdict};
 use proptest::prelude::*;
 
 const CONFIG: &str = r#"
@@ -1097,7 +1098,7 @@ fn only_the_remains_of_a_mkfs_disklet_recorded_starting_are_formatted_again() {
     let d = decide_with(CONFIG, with(vec![unfinished.clone()]), ours(), settled);
     assert_eq!(d.verdict, Verdict::Eligible, "{d:?}");
     assert!(d.detail.unwrap().contains("never finished"));
-    assert!(disklet::plan::eligibility::ownership(std::slice::from_ref(&unfinished)).is_none());
+    assert!(disklet::model::ownership(std::slice::from_ref(&unfinished)).is_none());
 
     // Without the record, or with a record of another mkfs or another disk:
     // somebody else's (an aborted xfs_copy carries our label too).

@@ -6,11 +6,12 @@ mod support;
 
 use disklet::config::{Config, FsType};
 use disklet::host::format::{
-    format_safely, FormatError, Formatter, Host, MkfsFormatter, RecordingFormatter,
+    format_safely, FormatError, FormatRequest, Formatter, Host, MkfsFormatter, RecordingFormatter,
 };
 use disklet::host::{BlkidProber, ProcTables, SysfsDevices};
 use disklet::model::Fingerprint;
 use disklet::plan::{Classes, Verdict};
+use disklet::reconcile::format_recheck;
 use support::agent::blkid;
 use support::*;
 
@@ -52,7 +53,16 @@ impl Setup {
 
     /// What the plan would see now: the device's fingerprint and verdict.
     fn plan(&self, lp: &Loop) -> (Fingerprint, Verdict) {
-        let mut inv = disklet::scan::observe(&self.devices, &self.prober, &self.tables).unwrap();
+        // Only the devices the class names are probed, as the agent does:
+        // a probe of every device would read the loops of the tests running
+        // beside this one, and a read in flight makes their own probe fail.
+        let mut inv = disklet::scan::observe_named(
+            &self.devices,
+            &self.prober,
+            &self.tables,
+            Some(&self.classes),
+        )
+        .unwrap();
         let decisions = disklet::scan::decide_all(&mut inv, &self.cfg, &self.classes, &self.prober);
         let i = inv
             .devices
@@ -72,17 +82,17 @@ impl Setup {
         fp: &Fingerprint,
         f: &dyn Formatter,
     ) -> Result<String, FormatError> {
-        format_safely(
-            &lp.name(),
-            &self.seen.borrow(),
-            fp,
-            "t",
-            FsType::Xfs,
-            &self.cfg,
-            &self.classes,
-            &self.host(),
-            f,
-        )
+        let name = lp.name();
+        let seen = self.seen.borrow();
+        let req = FormatRequest {
+            device: &name,
+            seen: &seen,
+            planned: fp,
+            fs: FsType::Xfs,
+            host_dir: &self.cfg.host_dir,
+        };
+        let recheck = format_recheck(&self.cfg, &self.classes, "t");
+        format_safely(&req, &self.host(), f, &recheck)
     }
 }
 
@@ -182,18 +192,16 @@ fn every_change_after_planning_stops_the_format() {
         assert_eq!(e.kind(), "device-changed", "{e}");
     } else {
         eprintln!("note: the kernel gave the replacement another loop name; the stale plan targets a gone device");
-        let e = format_safely(
-            name.trim_start_matches("/dev/"),
-            &s.seen.borrow(),
-            &fp_e,
-            "t",
-            FsType::Xfs,
-            &s.cfg,
-            &s.classes,
-            &s.host(),
-            &rec,
-        )
-        .unwrap_err();
+        let seen = s.seen.borrow();
+        let req = FormatRequest {
+            device: name.trim_start_matches("/dev/"),
+            seen: &seen,
+            planned: &fp_e,
+            fs: FsType::Xfs,
+            host_dir: &s.cfg.host_dir,
+        };
+        let recheck = format_recheck(&s.cfg, &s.classes, "t");
+        let e = format_safely(&req, &s.host(), &rec, &recheck).unwrap_err();
         assert!(
             matches!(e.kind(), "device-changed" | "open" | "not-eligible"),
             "{e}"

@@ -314,7 +314,7 @@ fn formats(agent: &Agent) -> usize {
     std::fs::read_to_string(&agent.log)
         .unwrap()
         .lines()
-        .filter(|l| plain(l).contains("disklet::reconcile: formatted "))
+        .filter(|l| plain(l).contains(": formatted device="))
         .count()
 }
 
@@ -795,7 +795,7 @@ async fn disks_that_grow_or_shrink_are_never_formatted_again() {
     let grown = pv_of(&grown, &al).clone();
     assert_eq!(uid_of(&grown), uid_of(&av));
     let want = disklet::host::dirs::fs_capacity(&mp).unwrap();
-    assert_eq!(capacity(&grown), disklet::k8s::pv::quantity(want));
+    assert_eq!(capacity(&grown), disklet::model::quantity::exact(want));
 
     // Shrink both to 4 MiB short of their filesystems: above what statvfs
     // counts (it leaves out the xfs log), so only the superblock's size can

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use disklet::config::Config;
-use disklet::k8s::pv::build_pv;
 use disklet::model::*;
+use disklet::plan::pv::build_pv;
 use disklet::plan::{evaluate, plan, Action, Classes, NodeFacts, PlanInput};
 use k8s_openapi::api::core::v1::PersistentVolume;
 
@@ -142,7 +142,7 @@ impl World {
         .filter(|a| {
             !matches!(
                 a,
-                Action::Recycle { .. }
+                Action::Recycle(_)
                     | Action::DeletePv { .. }
                     | Action::AnnotatePv { .. }
                     | Action::Wait { .. }
@@ -192,7 +192,7 @@ fn kinds(a: &[Action]) -> Vec<&'static str> {
             Action::Report { reason, .. } => reason,
             Action::DeletePv { .. } => "delete-pv",
             Action::AnnotatePv { .. } => "annotate-pv",
-            Action::Recycle { .. } => "recycle",
+            Action::Recycle(_) => "recycle",
             Action::Wait { .. } => "wait",
             // Re-apply only a PV that exists (labels removed), else VolumeNotClean.
             Action::Readopt { .. } => "readopt",
@@ -396,7 +396,7 @@ fn ours_is_mounted_then_given_a_vol_dir_then_published() {
     assert_eq!(s.local.as_ref().unwrap().path, format!("{target}/vol"));
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        disklet::k8s::pv::quantity(99u64 << 30)
+        disklet::model::quantity::exact(99u64 << 30)
     );
 
     // Published and unchanged: nothing to do. Released: left to the recycler.
@@ -462,7 +462,7 @@ fn block_disks_are_published_raw_by_stable_path() {
     assert_eq!(s.volume_mode.as_deref(), Some("Block"));
     assert_eq!(
         s.capacity.as_ref().unwrap()["storage"].0,
-        disklet::k8s::pv::quantity(1u64 << 40)
+        disklet::model::quantity::exact(1u64 << 40)
     );
     assert_eq!(
         pv.metadata.annotations.as_ref().unwrap()["disklet.io/device-id"],
@@ -831,11 +831,11 @@ fn a_pv_whose_immutable_fields_were_edited_is_withdrawn_if_unclaimed_and_kept_if
     w.pvs = vec![edited];
     let a = w.plan_all();
     assert_eq!(all_kinds(&a), ["recycle"]);
-    let Action::Recycle { target, .. } = &a[0] else {
+    let Action::Recycle(disklet::plan::Recycle { target, .. }) = &a[0] else {
         unreachable!()
     };
     assert!(
-        matches!(target, disklet::plan::recycle::Target::Fs { mount_point: Some(m), .. } if m == &PathBuf::from(TARGET))
+        matches!(target, disklet::plan::Target::Fs { mount_point: Some(m), .. } if m == &PathBuf::from(TARGET))
     );
 }
 

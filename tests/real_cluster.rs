@@ -777,7 +777,7 @@ fn pv_for(node: &str, key: &str) -> PersistentVolume {
         mount_options: vec![],
         ..Default::default()
     };
-    disklet::k8s::pv::build_pv(&v, &info, "local-fast", &sc, &[])
+    disklet::plan::pv::build_pv(&v, &info, "local-fast", &sc, &[])
 }
 
 fn apply_pp() -> kube::api::PatchParams {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use disklet::config::{CleanupMethod, Config};
 use disklet::model::*;
-use disklet::plan::recycle::Target;
+use disklet::plan::Target;
 use disklet::plan::{evaluate, plan, Action, Classes, NodeFacts, PlanInput};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeSpec, PersistentVolumeStatus};
 
@@ -189,7 +189,7 @@ fn kinds(a: &[Action]) -> Vec<String> {
                 set[0].0,
                 set[0].1.clone().unwrap_or_else(|| "-".into())
             ),
-            Action::Recycle { method, .. } => format!("recycle:{}", method.as_str()),
+            Action::Recycle(r) => format!("recycle:{}", r.method.as_str()),
             Action::Wait { reason, .. } => format!("wait:{reason}"),
             Action::Report { reason, .. } => reason.to_string(),
             other => format!("{other:?}"),
@@ -220,13 +220,13 @@ fn a_released_delete_volume_is_recycled_by_reformat_after_identity_is_known() {
     );
     let a = w.plan();
     assert_eq!(kinds(&a), ["recycle:reformat"]);
-    let Action::Recycle {
+    let Action::Recycle(disklet::plan::Recycle {
         target,
         expected_device_id,
         expected_fs_uuid,
         uid,
         ..
-    } = &a[0]
+    }) = &a[0]
     else {
         unreachable!()
     };

@@ -13,7 +13,7 @@ pub fn fs_capacity(path: &Path) -> Option<u64> {
 /// Facts for a mount point disklet made, mounted from `devnode`.
 pub fn mount_fact(m: &MountEntry, devnode: Option<&Path>) -> MountFact {
     let mount_point = m.mount_point.as_path();
-    let vol = crate::plan::provision::vol_dir(mount_point);
+    let vol = crate::model::volume::vol_dir(mount_point);
     // A missing `vol` is normal (not made yet); any other error reading the
     // mount point or `vol` is the filesystem failing.
     // Only errors of the filesystem itself: running out of file descriptors

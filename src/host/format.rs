@@ -9,10 +9,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::config::{Config, FsType};
+use crate::config::FsType;
 use crate::host::{BlockDevices, Cmd, CmdError, HostError, HostTables, Prober};
-use crate::model::{Fingerprint, Inventory, OWNER_LABEL};
-use crate::plan::{evaluate, Classes, NodeFacts, Verdict};
+use crate::model::{unfinished_mkfs, Device, Fingerprint, Inventory, OWNER_LABEL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -160,55 +159,121 @@ pub struct Host<'a> {
     pub tables: &'a dyn HostTables,
 }
 
-/// Formats `device` only if, under an exclusive flock, a fresh observation
-/// still finds it eligible for `class` with the planned fingerprint.
-/// Returns the new filesystem UUID.
-///
-/// `seen` is the listing the plan was made from: other devices whose medium
-/// has not changed since are taken from it ([`BlockDevices::relist`]), so a
-/// batch of formats costs one sysfs read per device each, not a full listing
-/// (200 blank disks: 200 listings of 200 devices before). The device itself,
-/// the mount table and the swaps are always read afresh.
-#[allow(clippy::too_many_arguments)]
+/// What the plan asked to format.
+pub struct FormatRequest<'a> {
+    /// Kernel name, e.g. `sdb`.
+    pub device: &'a str,
+    /// The listing the plan was made from: other devices whose medium has
+    /// not changed since are taken from it ([`BlockDevices::relist`]), so a
+    /// batch of formats costs one sysfs read per device each, not a full
+    /// listing (200 blank disks: 200 listings of 200 devices before). The
+    /// device itself, the mount table and the swaps are always read afresh.
+    pub seen: &'a [Device],
+    /// What the plan saw of the device.
+    pub planned: &'a Fingerprint,
+    pub fs: FsType,
+    /// Where the format records go (`host::intents`).
+    pub host_dir: &'a Path,
+}
+
+/// Why the decision made again refused: the verdict and its detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotEligible {
+    pub verdict: String,
+    pub detail: String,
+}
+
+/// The eligibility decision, made again by the caller on the fresh
+/// observation (the device, as just probed, and the node): the rules are the
+/// plan's, not this layer's.
+pub type Recheck<'a> = &'a dyn Fn(&Device, &Inventory) -> Result<(), NotEligible>;
+
+/// Formats `req.device` only if, under an exclusive flock, a fresh
+/// observation still shows the planned fingerprint and `recheck` still finds
+/// it eligible. Returns the new filesystem UUID.
 pub fn format_safely(
-    device: &str,
-    seen: &[crate::model::Device],
-    planned: &Fingerprint,
-    class: &str,
-    fs: FsType,
-    cfg: &Config,
-    classes: &Classes,
+    req: &FormatRequest<'_>,
     host: &Host<'_>,
     formatter: &dyn Formatter,
+    recheck: Recheck<'_>,
 ) -> Result<String, FormatError> {
-    use nix::fcntl::{open, Flock, FlockArg, OFlag};
-    use nix::sys::stat::Mode;
-
+    let device = req.device;
     let devnode = Path::new("/dev").join(device);
     // 1. The lock udev and util-linux honour (see systemd's "Locking Block
     //    Device Access"): while we hold it, udevd does not probe the device.
-    let fd = open(
+    let lock = lock_device(device, &devnode)?;
+    // 2. Observe again.
+    let (inv, idx) = observe_again(req, host)?;
+    let dev = &inv.devices[idx];
+    // 3. The fingerprint must be what the plan saw.
+    let now = Fingerprint::of(dev, &inv);
+    if &now != req.planned {
+        return Err(FormatError::DeviceChanged {
+            device: device.into(),
+            what: diff(req.planned, &now),
+        });
+    }
+    // 4. And the decision, made again on fresh data, must still say so.
+    recheck(dev, &inv).map_err(|n| FormatError::NotEligible {
+        device: device.into(),
+        verdict: n.verdict,
+        detail: n.detail,
+    })?;
+    // 5. The only signature an eligible disk may carry is the remains of a
+    //    mkfs of ours that never finished, whose start disklet recorded;
+    //    mkfs overwrites no signature, so they are erased first, still under
+    //    the lock.
+    erase_remains(dev, &devnode)?;
+    // 6. mkfs, still under the lock. It opens the device O_EXCL itself.
+    crate::failpoint::hit("format-after-lock");
+    let uuid = uuid::Uuid::new_v4().to_string();
+    mkfs_recorded(
+        formatter,
+        req.host_dir,
         &devnode,
+        req.fs,
+        &uuid,
+        &dev.intent_key(),
+    )?;
+    crate::failpoint::hit("format-after-mkfs");
+    drop(lock);
+    Ok(uuid)
+}
+
+/// The exclusive flock on the device node, not waited for.
+fn lock_device(
+    device: &str,
+    devnode: &Path,
+) -> Result<nix::fcntl::Flock<std::os::fd::OwnedFd>, FormatError> {
+    use nix::fcntl::{open, Flock, FlockArg, OFlag};
+    let fd = open(
+        devnode,
         OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-        Mode::empty(),
+        nix::sys::stat::Mode::empty(),
     )
     .map_err(|source| FormatError::Open {
         device: device.into(),
         source,
     })?;
-    let lock =
-        Flock::lock(fd, FlockArg::LockExclusiveNonblock).map_err(|_| FormatError::Locked {
-            device: device.into(),
-        })?;
+    Flock::lock(fd, FlockArg::LockExclusiveNonblock).map_err(|_| FormatError::Locked {
+        device: device.into(),
+    })
+}
 
-    // 2. Observe again: the device, every device that is new or changed
-    //    medium, the mount table and the swaps.
+/// The device (probed, its exclusive open tried), every device that is new
+/// or changed medium, the mount table and the swaps, read afresh; with the
+/// device's index.
+fn observe_again(
+    req: &FormatRequest<'_>,
+    host: &Host<'_>,
+) -> Result<(Inventory, usize), FormatError> {
+    let device = req.device;
     let observe = |e| FormatError::Observe {
         device: device.into(),
         source: e,
     };
     let mut inv = Inventory {
-        devices: host.devices.relist(seen, device).map_err(observe)?,
+        devices: host.devices.relist(req.seen, device).map_err(observe)?,
         mounts: host.tables.mounts().map_err(observe)?,
         swaps: host.tables.swaps().map_err(observe)?,
     };
@@ -222,69 +287,27 @@ pub fn format_safely(
     inv.devices[idx].probe = probe;
     let exclusive = host.prober.exclusive(&inv.devices[idx]);
     inv.devices[idx].exclusive = exclusive;
-    let dev = &inv.devices[idx];
+    Ok((inv, idx))
+}
 
-    // 3. The fingerprint must be what the plan saw.
-    let now = Fingerprint::of(dev, &inv);
-    if &now != planned {
-        return Err(FormatError::DeviceChanged {
-            device: device.into(),
-            what: diff(planned, &now),
-        });
-    }
-    // 4. And the pure decision, made again on fresh data, must still say so.
-    let facts = NodeFacts::new(&inv, &cfg.host_dir, &cfg.kubelet_dir)
-        .with_intents(crate::host::intents::read(&cfg.host_dir));
-    let d = evaluate(dev, &inv, classes, &facts, None);
-    if d.verdict != Verdict::Eligible || d.class.as_deref() != Some(class) {
-        return Err(FormatError::NotEligible {
-            device: device.into(),
-            verdict: format!(
-                "{} {}",
-                d.verdict.name(),
-                d.verdict.reason_code().unwrap_or("")
-            ),
-            detail: d.detail.unwrap_or_default(),
-        });
-    }
-
-    // 5. The only signature an eligible disk may carry is the remains of a
-    //    mkfs of ours that never finished, whose start disklet recorded;
-    //    mkfs overwrites no signature, so they are erased first, still under
-    //    the lock.
+/// Erases the remains of disklet's own unfinished mkfs, and refuses any
+/// other signature.
+fn erase_remains(dev: &Device, devnode: &Path) -> Result<(), FormatError> {
     let sigs = dev.signatures();
-    if !sigs.is_empty() {
-        let Some(old) =
-            crate::plan::eligibility::unfinished_mkfs(sigs).and_then(|s| s.uuid.as_deref())
-        else {
-            return Err(FormatError::NotEligible {
-                device: device.into(),
-                verdict: "eligible with signatures".into(),
-                detail: format!("{sigs:?}"),
-            });
-        };
-        erase_unfinished_mkfs(&devnode, dev.size_bytes, old).map_err(|what| {
-            FormatError::Erase {
-                device: device.into(),
-                what,
-            }
-        })?;
+    if sigs.is_empty() {
+        return Ok(());
     }
-
-    // 6. mkfs, still under the lock. It opens the device O_EXCL itself.
-    crate::failpoint::hit("format-after-lock");
-    let uuid = uuid::Uuid::new_v4().to_string();
-    mkfs_recorded(
-        formatter,
-        &cfg.host_dir,
-        &devnode,
-        fs,
-        &uuid,
-        &dev.intent_key(),
-    )?;
-    crate::failpoint::hit("format-after-mkfs");
-    drop(lock);
-    Ok(uuid)
+    let Some(old) = unfinished_mkfs(sigs).and_then(|s| s.uuid.as_deref()) else {
+        return Err(FormatError::NotEligible {
+            device: dev.name.clone(),
+            verdict: "eligible with signatures".into(),
+            detail: format!("{sigs:?}"),
+        });
+    };
+    erase_unfinished_mkfs(devnode, dev.size_bytes, old).map_err(|what| FormatError::Erase {
+        device: dev.name.clone(),
+        what,
+    })
 }
 
 /// mkfs of filesystem `uuid` on `devnode`, its start recorded under hostDir

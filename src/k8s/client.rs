@@ -14,7 +14,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use tokio::sync::mpsc;
 
-use crate::k8s::pv::{node_label_value, FIELD_MANAGER, LABEL_NODE};
+use crate::model::keys::{node_label_value, FIELD_MANAGER, LABEL_NODE};
 use crate::model::{NodeInfo, ScInfo, HOSTNAME_LABEL};
 
 #[derive(Debug, thiserror::Error)]

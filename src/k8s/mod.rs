@@ -1,5 +1,4 @@
-//! Kubernetes: the PVs disklet publishes and the API calls it makes.
+//! Kubernetes: the API calls disklet makes.
 
 pub mod client;
-pub mod pv;
 pub mod throttle;

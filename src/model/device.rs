@@ -265,3 +265,36 @@ impl Device {
         }
     }
 }
+
+/// Whether the signatures are exactly one disklet-owned filesystem (one
+/// whose mkfs finished: the kernel refuses to mount any other).
+pub fn ownership(sigs: &[Signature]) -> Option<&Signature> {
+    match sigs {
+        [s] if (s.kind == "xfs" || s.kind == "ext4")
+            && s.label.as_deref() == Some(OWNER_LABEL)
+            && !s.in_progress =>
+        {
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+/// Whether the signatures look like the remains of a mkfs.xfs of disklet's
+/// that never finished (the agent or its container killed while it wrote):
+/// our label on an xfs whose superblock is still "in progress". The kernel
+/// never mounts such a filesystem. An aborted xfs_copy of one of our disks
+/// looks the same and holds data: only a record that disklet started this
+/// very mkfs on this very disk (`NodeFacts::started_here`) tells them apart.
+pub fn unfinished_mkfs(sigs: &[Signature]) -> Option<&Signature> {
+    match sigs {
+        [s] if s.kind == "xfs"
+            && s.offset == 0
+            && s.in_progress
+            && s.label.as_deref() == Some(OWNER_LABEL) =>
+        {
+            Some(s)
+        }
+        _ => None,
+    }
+}

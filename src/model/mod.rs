@@ -5,16 +5,20 @@
 //! module decides on them.
 
 pub mod device;
+pub mod keys;
 pub mod mount;
 pub mod quantity;
+pub mod reasons;
 pub mod volume;
 
 pub use device::{
-    DevNo, Device, DeviceKind, Exclusive, Probe, Signature, SignatureKind, UdevState, OWNER_LABEL,
+    ownership, unfinished_mkfs, DevNo, Device, DeviceKind, Exclusive, Probe, Signature,
+    SignatureKind, UdevState, OWNER_LABEL,
 };
 pub use mount::{Inventory, MountEntry, SwapEntry};
 pub use quantity::{format_bytes, Quantity};
+pub use reasons::{PendingReason, Reason};
 pub use volume::{
-    DirEntry, DirEntryKind, Fingerprint, FormatIntent, MountFact, NodeInfo, ScInfo, Volume,
-    HOSTNAME_LABEL,
+    AccessMode, DirEntry, DirEntryKind, Fingerprint, FormatIntent, MountFact, NodeInfo, ScInfo,
+    Volume, VolumeMode, HOSTNAME_LABEL,
 };

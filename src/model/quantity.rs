@@ -96,6 +96,17 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// Bytes as an exact Kubernetes quantity, with the largest binary suffix that
+/// divides them (`268435456` → `256Mi`), so `kubectl get pv` reads well.
+pub fn exact(bytes: u64) -> String {
+    for (shift, suffix) in [(50, "Pi"), (40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
+        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

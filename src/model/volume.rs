@@ -1,12 +1,38 @@
 //! Volumes, the node, and StorageClasses as the plan sees them.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{DevNo, Device, Inventory};
-use crate::config::{AccessMode, VolumeMode};
+
+/// How a PV presents its volume (`spec.volumeMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum VolumeMode {
+    #[default]
+    Filesystem,
+    Block,
+}
+
+/// The access mode of a class's PVs. A ReadWriteOncePod claim binds only to a
+/// PV that lists ReadWriteOncePod (which the API lets stand alone); the
+/// scheduler then keeps a second pod off the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum AccessMode {
+    #[default]
+    ReadWriteOnce,
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
+}
 
 /// What must not change between planning a format and running it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -163,4 +189,23 @@ pub struct Volume {
     pub annotations: BTreeMap<String, String>,
     /// Why no *new* PV may be created for it (an existing one is kept).
     pub create_blocked: Option<String>,
+}
+
+/// Where disklet mounts a filesystem it owns.
+pub fn mount_target(host_dir: &Path, class: &str, uuid: &str) -> PathBuf {
+    host_dir.join(class).join(uuid)
+}
+
+/// The PV path inside a mount: exists only while the filesystem is mounted.
+pub fn vol_dir(mount_point: &Path) -> PathBuf {
+    mount_point.join("vol")
+}
+
+/// Whether a device is smaller than the filesystem mounted from it: the
+/// kernel then fails every access beyond the device's end (and refuses to
+/// mount it again). The superblock's size when known; otherwise `statvfs`,
+/// which undercounts (the xfs log, ext4 metadata), so that only a shrink
+/// below what it reports is seen.
+pub fn shrunk(dev: &crate::model::Device, fact: &MountFact) -> bool {
+    fact.fs_size() > fact.device_bytes.unwrap_or(dev.size_bytes)
 }

@@ -10,117 +10,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::model::{
-    format_bytes, Device, DeviceKind, Exclusive, Inventory, Probe, Signature, SignatureKind,
-    UdevState, OWNER_LABEL,
+    format_bytes, ownership, unfinished_mkfs, Device, DeviceKind, Exclusive, Inventory,
+    PendingReason, Probe, Reason, Signature, SignatureKind, UdevState,
 };
 use crate::plan::selector::{Classes, CompiledClass};
 
-/// Why a device is refused. The kebab-case names are a stable interface: they
-/// appear in `disklet scan`, Events and metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Reason {
-    /// No class selector names the device: disklet never touches it.
-    NoClassMatches,
-    /// A partition, and the class does not list `part` in `types`.
-    Partition,
-    /// A loop/dm/md/rbd/nbd/zram/ram/rom device whose kind the class does not list.
-    TypeNotAllowed,
-    Hidden,
-    ReadOnly,
-    Removable,
-    /// Holds `/`, `/boot`, `/boot/efi`, the kubelet dir or disklet's hostDir.
-    OsDisk,
-    HasHolders,
-    HasPartitions,
-    /// Another device has the same WWN, serial, loop backing file or
-    /// filesystem UUID: two paths to one disk, or a clone. Both are refused.
-    DuplicateIdentity,
-    /// Active swap on the device or one of its partitions.
-    Swap,
-    Mounted,
-    /// Our probe could not read the device, so nothing is known about its contents.
-    ProbeFailed,
-    PartitionTable,
-    ForeignFilesystem,
-    /// No known signature, but the first or last MiB holds data.
-    UnknownData,
-    TooSmall,
-    TooLarge,
-    /// The kernel refused an exclusive open: somebody is using the device.
-    Busy,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 19] = [
-        Reason::NoClassMatches,
-        Reason::Partition,
-        Reason::TypeNotAllowed,
-        Reason::Hidden,
-        Reason::ReadOnly,
-        Reason::Removable,
-        Reason::OsDisk,
-        Reason::HasHolders,
-        Reason::HasPartitions,
-        Reason::DuplicateIdentity,
-        Reason::Swap,
-        Reason::Mounted,
-        Reason::ProbeFailed,
-        Reason::PartitionTable,
-        Reason::ForeignFilesystem,
-        Reason::UnknownData,
-        Reason::TooSmall,
-        Reason::TooLarge,
-        Reason::Busy,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::NoClassMatches => "no-class-matches",
-            Reason::Partition => "partition",
-            Reason::TypeNotAllowed => "type-not-allowed",
-            Reason::Hidden => "hidden",
-            Reason::ReadOnly => "read-only",
-            Reason::Removable => "removable",
-            Reason::OsDisk => "os-disk",
-            Reason::HasHolders => "has-holders",
-            Reason::HasPartitions => "has-partitions",
-            Reason::DuplicateIdentity => "duplicate-identity",
-            Reason::Swap => "swap",
-            Reason::Mounted => "mounted",
-            Reason::ProbeFailed => "probe-failed",
-            Reason::PartitionTable => "partition-table",
-            Reason::ForeignFilesystem => "foreign-filesystem",
-            Reason::UnknownData => "unknown-data",
-            Reason::TooSmall => "too-small",
-            Reason::TooLarge => "too-large",
-            Reason::Busy => "busy",
-        }
-    }
-}
-
-/// Why a device is not decided yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PendingReason {
-    /// udevd runs but has not written its record for the device yet.
-    UdevNotProcessed,
-    /// The device has not been stable for the class's `settleSeconds`.
-    Settling,
-    /// Everything else qualifies; the exclusive-open test has not been made.
-    ExclusiveNotChecked,
-}
-
-impl PendingReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PendingReason::UdevNotProcessed => "udev-not-processed",
-            PendingReason::Settling => "settling",
-            PendingReason::ExclusiveNotChecked => "exclusive-not-checked",
-        }
-    }
-}
-
+/// What disklet may do with a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "kebab-case")]
 pub enum Verdict {
@@ -263,37 +158,28 @@ fn describe(sig: &Signature) -> String {
     s
 }
 
-/// Whether the signatures are exactly one disklet-owned filesystem (one
-/// whose mkfs finished: the kernel refuses to mount any other).
-pub fn ownership(sigs: &[Signature]) -> Option<&Signature> {
-    match sigs {
-        [s] if (s.kind == "xfs" || s.kind == "ext4")
-            && s.label.as_deref() == Some(OWNER_LABEL)
-            && !s.in_progress =>
-        {
-            Some(s)
-        }
-        _ => None,
+/// The format interlock's decision, made again on a fresh observation
+/// right before mkfs: the device must still be eligible, for `class`.
+/// `Err` holds the verdict (with its reason code) and the detail.
+pub fn still_eligible(
+    dev: &Device,
+    inv: &Inventory,
+    classes: &Classes,
+    facts: &NodeFacts,
+    class: &str,
+) -> Result<(), (String, String)> {
+    let d = evaluate(dev, inv, classes, facts, None);
+    if d.verdict == Verdict::Eligible && d.class.as_deref() == Some(class) {
+        return Ok(());
     }
-}
-
-/// Whether the signatures look like the remains of a mkfs.xfs of disklet's
-/// that never finished (the agent or its container killed while it wrote):
-/// our label on an xfs whose superblock is still "in progress". The kernel
-/// never mounts such a filesystem. An aborted xfs_copy of one of our disks
-/// looks the same and holds data: only a record that disklet started this
-/// very mkfs on this very disk (`NodeFacts::started_here`) tells them apart.
-pub fn unfinished_mkfs(sigs: &[Signature]) -> Option<&Signature> {
-    match sigs {
-        [s] if s.kind == "xfs"
-            && s.offset == 0
-            && s.in_progress
-            && s.label.as_deref() == Some(OWNER_LABEL) =>
-        {
-            Some(s)
-        }
-        _ => None,
-    }
+    Err((
+        format!(
+            "{} {}",
+            d.verdict.name(),
+            d.verdict.reason_code().unwrap_or("")
+        ),
+        d.detail.unwrap_or_default(),
+    ))
 }
 
 /// Decides one device. `stable_for` is how long the device has looked the
@@ -306,28 +192,84 @@ pub fn evaluate(
     facts: &NodeFacts,
     stable_for: Option<Duration>,
 ) -> Decision {
+    match decide(dev, inv, classes, facts, stable_for) {
+        Ok(d) | Err(d) => d,
+    }
+}
+
+/// The checks in order; the first that does not pass (`Err`) decides.
+fn decide(
+    dev: &Device,
+    inv: &Inventory,
+    classes: &Classes,
+    facts: &NodeFacts,
+    stable_for: Option<Duration>,
+) -> Result<Decision, Decision> {
     // Until udevd has processed the device, its links and properties are
     // unknown, so no selector can be judged (with no classes, nothing can match).
     if dev.udev == UdevState::NotProcessed && !classes.classes.is_empty() {
-        return pending(
+        return Err(pending(
             None,
             PendingReason::UdevNotProcessed,
             "udevd has not processed the device yet",
-        );
+        ));
     }
     let Some(class) = classes.matching(dev) else {
-        return Decision {
+        return Err(Decision {
             class: None,
             verdict: Verdict::Refused {
                 reason: Reason::NoClassMatches,
             },
             detail: None,
-        };
+        });
     };
-    let sel = &class.class.selector;
+    check_kind(dev, class)?;
+    check_free(dev, inv, class, facts)?;
+    let sigs = match &dev.probe {
+        Probe::Done { signatures, .. } => signatures.as_slice(),
+        Probe::NotProbed => return Err(refuse(class, Reason::ProbeFailed, "contents not probed")),
+        Probe::Failed { error } => return Err(refuse(class, Reason::ProbeFailed, error.clone())),
+    };
+    let owned = ownership(sigs);
+    check_mounts(dev, inv, class, facts, owned.is_some())?;
+    let mounted_by_us = owned.is_some() && inv.mounts_of(dev).next().is_some();
+    let formats = class.class.volume_mode == crate::config::VolumeMode::Filesystem
+        && !class.class.publish_fs_type;
+    // Only a class that formats redoes a format (a raw class would hand the
+    // remains to a pod), and only a format disklet recorded starting here.
+    let redo = formats && unfinished_mkfs(sigs).is_some_and(|s| facts.started_here(s, dev));
+    if owned.is_none() {
+        if !redo {
+            check_no_signature(class, sigs)?;
+        }
+        check_blank(dev, class, formats, redo)?;
+    }
+    if !mounted_by_us {
+        check_exclusive(dev, class)?;
+    }
+    // Settling guards destructive steps; mounting a disk that is ours is not one.
+    let settle = Duration::from_secs(class.class.settle_seconds);
+    if let (Some(age), None) = (stable_for, owned) {
+        if age < settle {
+            return Err(pending(
+                Some(class),
+                PendingReason::Settling,
+                format!(
+                    "stable for {:.1}s of {}s",
+                    age.as_secs_f64(),
+                    settle.as_secs()
+                ),
+            ));
+        }
+    }
+    Ok(verdict(class, owned, mounted_by_us, redo))
+}
 
+/// The device's kind and flags, against the class's selector.
+fn check_kind(dev: &Device, class: &CompiledClass) -> Result<(), Decision> {
+    let sel = &class.class.selector;
     if !sel.types.contains(&dev.kind) {
-        return if dev.kind == DeviceKind::Partition {
+        return Err(if dev.kind == DeviceKind::Partition {
             refuse(
                 class,
                 Reason::Partition,
@@ -346,182 +288,194 @@ pub fn evaluate(
                     kinds(&sel.types)
                 ),
             )
-        };
+        });
     }
     if dev.hidden {
-        return refuse(class, Reason::Hidden, "the kernel marks the device hidden");
+        return Err(refuse(
+            class,
+            Reason::Hidden,
+            "the kernel marks the device hidden",
+        ));
     }
     if dev.read_only {
-        return refuse(class, Reason::ReadOnly, "the device is read-only");
+        return Err(refuse(class, Reason::ReadOnly, "the device is read-only"));
     }
     if dev.removable && !sel.removable {
-        return refuse(
+        return Err(refuse(
             class,
             Reason::Removable,
             "removable media; set selector.removable: true to accept",
-        );
+        ));
     }
+    Ok(())
+}
+
+/// Nothing of the node's own uses the device: not an OS disk, no holders,
+/// partitions or swap, not a second path to another device.
+fn check_free(
+    dev: &Device,
+    inv: &Inventory,
+    class: &CompiledClass,
+    facts: &NodeFacts,
+) -> Result<(), Decision> {
     if let Some((_, what)) = facts.os_devices.iter().find(|(n, _)| *n == dev.name) {
-        return refuse(class, Reason::OsDisk, format!("holds {}", what.display()));
+        return Err(refuse(
+            class,
+            Reason::OsDisk,
+            format!("holds {}", what.display()),
+        ));
     }
     if !dev.holders.is_empty() {
-        return refuse(
+        return Err(refuse(
             class,
             Reason::HasHolders,
             format!("in use by {}", dev.holders.join(", ")),
-        );
+        ));
     }
     if !dev.partitions.is_empty() {
-        return refuse(
+        return Err(refuse(
             class,
             Reason::HasPartitions,
             format!("has partitions {}", dev.partitions.join(", ")),
-        );
+        ));
     }
     if let Some((other, what)) = duplicate_of(dev, inv) {
-        return refuse(
+        return Err(refuse(
             class,
             Reason::DuplicateIdentity,
             format!("same {what} as {}", other.devnode.display()),
-        );
+        ));
     }
     if let Some(s) = inv.swaps_of(dev).next() {
-        return refuse(
+        return Err(refuse(
             class,
             Reason::Swap,
             format!("active swap {}", s.path.display()),
-        );
+        ));
     }
+    Ok(())
+}
 
-    let sigs = match &dev.probe {
-        Probe::Done { signatures, .. } => signatures.as_slice(),
-        Probe::NotProbed => return refuse(class, Reason::ProbeFailed, "contents not probed"),
-        Probe::Failed { error } => return refuse(class, Reason::ProbeFailed, error.clone()),
-    };
-    let owned = ownership(sigs);
-
-    // Our own mounts (under hostDir) and kubelet's bind mounts of our volumes
-    // are expected for a disk that is ours; any other mount is not.
-    let foreign_mount = inv.mounts_of(dev).find(|m| {
-        owned.is_none() || !is_disklet_mount(&m.mount_point, &facts.host_dir, &facts.kubelet_dir)
-    });
-    if let Some(m) = foreign_mount {
-        return refuse(
+/// Our own mounts (under hostDir) and kubelet's bind mounts of our volumes
+/// are expected for a disk that is ours; any other mount is not.
+fn check_mounts(
+    dev: &Device,
+    inv: &Inventory,
+    class: &CompiledClass,
+    facts: &NodeFacts,
+    owned: bool,
+) -> Result<(), Decision> {
+    let foreign_mount = inv
+        .mounts_of(dev)
+        .find(|m| !owned || !is_disklet_mount(&m.mount_point, &facts.host_dir, &facts.kubelet_dir));
+    match foreign_mount {
+        Some(m) => Err(refuse(
             class,
             Reason::Mounted,
             format!("mounted at {}", m.mount_point.display()),
-        );
+        )),
+        None => Ok(()),
     }
-    let mounted_by_us = owned.is_some() && inv.mounts_of(dev).next().is_some();
+}
 
-    let fs_min = class.class.fs_type.min_size();
-    let formats = class.class.volume_mode == crate::config::VolumeMode::Filesystem
-        && !class.class.publish_fs_type;
-    // Only a class that formats redoes a format (a raw class would hand the
-    // remains to a pod), and only a format disklet recorded starting here.
-    let redo = formats && unfinished_mkfs(sigs).is_some_and(|s| facts.started_here(s, dev));
-    if owned.is_none() && !redo {
-        if let Some(pt) = sigs
+/// A disk not ours carries no signature (the remains of our own recorded
+/// mkfs excepted, by the caller).
+fn check_no_signature(class: &CompiledClass, sigs: &[Signature]) -> Result<(), Decision> {
+    if let Some(pt) = sigs
+        .iter()
+        .find(|s| s.class() == SignatureKind::PartitionTable)
+    {
+        // A protective MBR is only the shadow of a GPT: name the GPT.
+        let name = sigs
             .iter()
-            .find(|s| s.class() == SignatureKind::PartitionTable)
-        {
-            // A protective MBR is only the shadow of a GPT: name the GPT.
-            let name = sigs
-                .iter()
-                .find(|s| s.kind == "gpt")
-                .unwrap_or(pt)
-                .kind
-                .clone();
-            return refuse(class, Reason::PartitionTable, name);
-        }
-        if let Some(first) = sigs.first() {
-            return refuse(class, Reason::ForeignFilesystem, describe(first));
-        }
+            .find(|s| s.kind == "gpt")
+            .unwrap_or(pt)
+            .kind
+            .clone();
+        return Err(refuse(class, Reason::PartitionTable, name));
     }
-    if owned.is_none() {
-        if formats && dev.size_bytes < fs_min {
-            return refuse(
-                class,
-                Reason::TooSmall,
-                format!(
-                    "{} < {} ({} needs at least that)",
-                    format_bytes(dev.size_bytes),
-                    format_bytes(fs_min),
-                    class.class.fs_type.as_str()
-                ),
-            );
-        }
-        if let Some(min) = sel.min_size {
-            if dev.size_bytes < min.0 {
-                return refuse(
-                    class,
-                    Reason::TooSmall,
-                    format!("{} < minSize {}", format_bytes(dev.size_bytes), min),
-                );
-            }
-        }
-        if let Some(max) = sel.max_size {
-            if dev.size_bytes > max.0 {
-                return refuse(
-                    class,
-                    Reason::TooLarge,
-                    format!("{} > maxSize {}", format_bytes(dev.size_bytes), max),
-                );
-            }
-        }
-        // The remains of our own mkfs are not zero, and need not be.
-        if class.class.blank_check == crate::config::BlankCheck::Zeroed && !redo {
-            if let Probe::Done { zeroed: z, .. } = &dev.probe {
-                if *z != Some(true) {
-                    return refuse(class, Reason::UnknownData, "no known signature, but the first or last MiB is not zero; zero them (blkdiscard) if the disk is free, or set blankCheck: signatures");
-                }
-            }
-        }
+    match sigs.first() {
+        Some(first) => Err(refuse(class, Reason::ForeignFilesystem, describe(first))),
+        None => Ok(()),
     }
+}
 
-    if !mounted_by_us {
-        match &dev.exclusive {
-            Exclusive::Free => {}
-            Exclusive::NotChecked => {
-                return pending(
-                    Some(class),
-                    PendingReason::ExclusiveNotChecked,
-                    "exclusive open not tried yet",
-                )
-            }
-            Exclusive::Busy => {
-                return refuse(
-                    class,
-                    Reason::Busy,
-                    "exclusive open refused (EBUSY): another user holds the device",
-                )
-            }
-            Exclusive::Failed { error } => {
-                return refuse(
-                    class,
-                    Reason::Busy,
-                    format!("exclusive open failed: {error}"),
-                )
+/// A disk to be formatted: big enough for its filesystem, within the
+/// selector's sizes, and (with `blankCheck: zeroed`) zero at both ends.
+fn check_blank(
+    dev: &Device,
+    class: &CompiledClass,
+    formats: bool,
+    redo: bool,
+) -> Result<(), Decision> {
+    let sel = &class.class.selector;
+    let fs_min = class.class.fs_type.min_size();
+    if formats && dev.size_bytes < fs_min {
+        return Err(refuse(
+            class,
+            Reason::TooSmall,
+            format!(
+                "{} < {} ({} needs at least that)",
+                format_bytes(dev.size_bytes),
+                format_bytes(fs_min),
+                class.class.fs_type.as_str()
+            ),
+        ));
+    }
+    if let Some(min) = sel.min_size.filter(|min| dev.size_bytes < min.0) {
+        return Err(refuse(
+            class,
+            Reason::TooSmall,
+            format!("{} < minSize {}", format_bytes(dev.size_bytes), min),
+        ));
+    }
+    if let Some(max) = sel.max_size.filter(|max| dev.size_bytes > max.0) {
+        return Err(refuse(
+            class,
+            Reason::TooLarge,
+            format!("{} > maxSize {}", format_bytes(dev.size_bytes), max),
+        ));
+    }
+    // The remains of our own mkfs are not zero, and need not be.
+    if class.class.blank_check == crate::config::BlankCheck::Zeroed && !redo {
+        if let Probe::Done { zeroed: z, .. } = &dev.probe {
+            if *z != Some(true) {
+                return Err(refuse(class, Reason::UnknownData, "no known signature, but the first or last MiB is not zero; zero them (blkdiscard) if the disk is free, or set blankCheck: signatures"));
             }
         }
     }
+    Ok(())
+}
 
-    // Settling guards destructive steps; mounting a disk that is ours is not one.
-    let settle = Duration::from_secs(class.class.settle_seconds);
-    if let (Some(age), None) = (stable_for, owned) {
-        if age < settle {
-            return pending(
-                Some(class),
-                PendingReason::Settling,
-                format!(
-                    "stable for {:.1}s of {}s",
-                    age.as_secs_f64(),
-                    settle.as_secs()
-                ),
-            );
-        }
+/// The kernel's exclusive open: nobody else holds the device.
+fn check_exclusive(dev: &Device, class: &CompiledClass) -> Result<(), Decision> {
+    match &dev.exclusive {
+        Exclusive::Free => Ok(()),
+        Exclusive::NotChecked => Err(pending(
+            Some(class),
+            PendingReason::ExclusiveNotChecked,
+            "exclusive open not tried yet",
+        )),
+        Exclusive::Busy => Err(refuse(
+            class,
+            Reason::Busy,
+            "exclusive open refused (EBUSY): another user holds the device",
+        )),
+        Exclusive::Failed { error } => Err(refuse(
+            class,
+            Reason::Busy,
+            format!("exclusive open failed: {error}"),
+        )),
     }
+}
 
+/// Every check passed: ours (to mount) or eligible (to format).
+fn verdict(
+    class: &CompiledClass,
+    owned: Option<&Signature>,
+    mounted_by_us: bool,
+    redo: bool,
+) -> Decision {
     match owned {
         Some(s) => Decision {
             class: Some(class.class.name.clone()),

@@ -7,76 +7,16 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::PersistentVolume;
 
-use crate::config::{CleanupMethod, FsType};
-use crate::k8s::pv::{pv_name, ANN_DEVICE_ID, ANN_FS_UUID, ANN_KEY, ANN_NODE_UID, LABEL_CLASS};
-use crate::model::{DevNo, DirEntryKind, Inventory, Probe};
-use crate::plan::eligibility::{ownership, Reason};
-use crate::plan::provision::{mount_target, shrunk, Action, PlanInput};
+use crate::config::FsType;
+use crate::model::keys::{
+    pv_name, ANN_CLEANUP, ANN_DEVICE_ID, ANN_DEVICE_STATE, ANN_FS_UUID, ANN_KEY, ANN_NODE_UID,
+    ANN_RECLAIM, LABEL_CLASS,
+};
+use crate::model::reasons::event;
+use crate::model::volume::{mount_target, shrunk};
+use crate::model::{ownership, Device, DirEntryKind, Inventory, Probe, Reason};
+use crate::plan::action::{Action, PlanInput, Recycle, Subject, Target};
 use crate::plan::Verdict;
-
-/// Annotation: why the PV's disk cannot serve it now: `missing` (not on the
-/// node), `shrunk` (smaller than its filesystem), `read-only`, or another
-/// refusal reason code of the disk. Removed once the disk is fit again.
-pub const ANN_DEVICE_STATE: &str = "disklet.io/device-state";
-/// Annotation: a cleanup was started (`started`); survives a crash, so the
-/// next agent finishes it.
-pub const ANN_CLEANUP: &str = "disklet.io/cleanup";
-/// Annotation: the Retain policy was seen and reported once.
-pub const ANN_RECLAIM: &str = "disklet.io/reclaim";
-
-/// Where a PV's volume is on this node now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// A filesystem disklet made, on `device`.
-    Fs {
-        device: String,
-        devnode: PathBuf,
-        devno: DevNo,
-        fs_uuid: String,
-        fs_type: FsType,
-        /// disklet's mount of it, if mounted.
-        mount_point: Option<PathBuf>,
-    },
-    /// A raw device (Block, or published with fsType).
-    Raw {
-        device: String,
-        devnode: PathBuf,
-        devno: DevNo,
-    },
-    /// A discovery-dir entry that is a mount point.
-    Dir { path: PathBuf, devno: DevNo },
-}
-
-impl Target {
-    pub fn devno(&self) -> DevNo {
-        match self {
-            Target::Fs { devno, .. } | Target::Raw { devno, .. } | Target::Dir { devno, .. } => {
-                *devno
-            }
-        }
-    }
-
-    fn default_cleanup(&self) -> CleanupMethod {
-        match self {
-            Target::Fs { .. } => CleanupMethod::Reformat,
-            Target::Raw { .. } => CleanupMethod::Discard,
-            Target::Dir { .. } => CleanupMethod::Files,
-        }
-    }
-
-    /// The configured method where it applies to this kind of volume.
-    pub fn method(&self, configured: Option<CleanupMethod>) -> CleanupMethod {
-        use CleanupMethod as M;
-        match (self, configured) {
-            (_, Option::None) => self.default_cleanup(),
-            (_, Some(M::None)) => M::None,
-            (Target::Fs { .. }, Some(m @ (M::Reformat | M::Discard | M::Zeroout))) => m,
-            (Target::Raw { .. }, Some(m @ (M::Discard | M::Zeroout))) => m,
-            (Target::Dir { .. }, Some(M::Files)) => M::Files,
-            _ => self.default_cleanup(),
-        }
-    }
-}
 
 /// What the node says about a PV's volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,14 +51,8 @@ fn ann<'a>(pv: &'a PersistentVolume, k: &str) -> Option<&'a str> {
 
 /// Finds a PV's volume among what was observed.
 pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
-    let inv: &Inventory = input.inv;
     let key = ann(pv, ANN_KEY).unwrap_or_default();
     let device_id = ann(pv, ANN_DEVICE_ID);
-    let by_identity = || {
-        inv.devices
-            .iter()
-            .find(|d| device_id.is_some() && d.identity().as_deref() == device_id)
-    };
     if let Some(uuid) = key.strip_prefix("fs:") {
         let class = pv
             .metadata
@@ -127,152 +61,179 @@ pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
             .and_then(|l| l.get(LABEL_CLASS))
             .cloned()
             .unwrap_or_default();
-        let target = mount_target(&input.cfg.host_dir, &class, uuid);
-        // Where the probe finds the filesystem, whatever the verdict: a disk
-        // refused for now (read-only, a foreign mount) still holds it.
-        let holders: Vec<_> = inv
-            .devices
-            .iter()
-            .zip(input.decisions)
-            .filter(|(dev, _)| {
-                ownership(dev.signatures()).and_then(|s| s.uuid.as_deref()) == Some(uuid)
-            })
-            .collect();
-        let Some((dev, d)) = holders.first() else {
-            // Not found: a positive answer only from a probe that ran.
-            return match by_identity() {
-                Some(d) if matches!(d.probe, Probe::Done { .. }) => Located::ContentChanged {
-                    device: d.name.clone(),
-                },
-                Some(d) => Located::Unknown {
-                    device: d.name.clone(),
-                },
-                None => Located::Missing,
-            };
-        };
-        let unfit = |state: &str, why: String| Located::Unfit {
-            device: dev.name.clone(),
-            state: state.to_string(),
-            why,
-        };
-        if holders.len() > 1 {
-            let all: Vec<String> = holders.iter().map(|(d, _)| d.name.clone()).collect();
-            return unfit(
-                Reason::DuplicateIdentity.as_str(),
-                format!("the filesystem is on {} at once", all.join(", ")),
-            );
-        }
-        return match &d.verdict {
-            Verdict::Ours { fs_type, .. } => {
-                let mounted = inv.mounts_of(dev).any(|m| m.mount_point == target);
-                if let Some(e) = input
-                    .mounts
-                    .get(&target)
-                    .filter(|_| mounted)
-                    .and_then(|f| f.io_error.as_deref())
-                {
-                    return unfit(
-                        "io-error",
-                        format!("the filesystem of /dev/{} fails ({e})", dev.name),
-                    );
-                }
-                if let Some(f) = input
-                    .mounts
-                    .get(&target)
-                    .filter(|f| mounted && shrunk(dev, f))
-                {
-                    return unfit(
-                        "shrunk",
-                        format!(
-                            "/dev/{} ({} bytes) is smaller than its filesystem ({} bytes)",
-                            dev.name,
-                            f.device_bytes.unwrap_or(dev.size_bytes),
-                            f.fs_size()
-                        ),
-                    );
-                }
-                Located::Present(Target::Fs {
-                    device: dev.name.clone(),
-                    devnode: dev.devnode.clone(),
-                    devno: dev.devno,
-                    fs_uuid: uuid.to_string(),
-                    fs_type: if fs_type == "ext4" {
-                        FsType::Ext4
-                    } else {
-                        FsType::Xfs
-                    },
-                    mount_point: mounted.then_some(target),
-                })
-            }
-            Verdict::Refused { reason } => unfit(
-                reason.as_str(),
-                format!(
-                    "/dev/{} is {}{}",
-                    dev.name,
-                    reason.as_str(),
-                    d.detail
-                        .as_deref()
-                        .map(|x| format!(" ({x})"))
-                        .unwrap_or_default()
-                ),
-            ),
-            Verdict::Pending { .. } | Verdict::Eligible => Located::Unknown {
-                device: dev.name.clone(),
-            },
-        };
+        return locate_fs(input, &class, uuid, device_id);
     }
     if key.starts_with("dev:") {
-        let decision = |name: &str| {
-            inv.devices
-                .iter()
-                .zip(input.decisions)
-                .find(|(d, _)| d.name == name)
-                .map(|(_, x)| &x.verdict)
-        };
-        return match by_identity() {
-            // A raw volume holds whatever its pod wrote, so only a disk that
-            // cannot be written is unfit.
-            Some(d)
-                if decision(&d.name)
-                    == Some(&Verdict::Refused {
-                        reason: Reason::ReadOnly,
-                    }) =>
-            {
-                Located::Unfit {
-                    device: d.name.clone(),
-                    state: Reason::ReadOnly.as_str().to_string(),
-                    why: format!("/dev/{} is read-only", d.name),
-                }
-            }
-            Some(d) => Located::Present(Target::Raw {
-                device: d.name.clone(),
-                devnode: d.devnode.clone(),
-                devno: d.devno,
-            }),
-            None => Located::Missing,
-        };
+        return locate_raw(input, device_id);
     }
     if let Some(path) = key.strip_prefix("dir:") {
-        let path = Path::new(path);
-        return match input.dirs.iter().find(|e| e.path == path).map(|e| &e.kind) {
-            Some(DirEntryKind::MountPoint { devno, .. }) => Located::Present(Target::Dir {
-                path: path.to_path_buf(),
-                devno: *devno,
-            }),
-            Some(DirEntryKind::BlockLink { target, .. }) => {
-                match inv.devices.iter().find(|d| &d.devnode == target) {
-                    Some(d) => Located::Present(Target::Raw {
-                        device: d.name.clone(),
-                        devnode: d.devnode.clone(),
-                        devno: d.devno,
-                    }),
-                    None => Located::Missing,
-                }
-            }
-            _ => Located::Missing,
-        };
+        return locate_dir(input, Path::new(path));
     }
     Located::Missing
+}
+
+/// The device whose identity the PV names.
+fn by_identity<'a>(inv: &'a Inventory, device_id: Option<&str>) -> Option<&'a Device> {
+    device_id?;
+    inv.devices
+        .iter()
+        .find(|d| d.identity().as_deref() == device_id)
+}
+
+/// A filesystem disklet made: where the probe finds it, whatever the
+/// verdict (a disk refused for now, read-only or with a foreign mount,
+/// still holds it).
+fn locate_fs(input: &PlanInput<'_>, class: &str, uuid: &str, device_id: Option<&str>) -> Located {
+    let inv: &Inventory = input.inv;
+    let holders: Vec<_> = inv
+        .devices
+        .iter()
+        .zip(input.decisions)
+        .filter(|(dev, _)| {
+            ownership(dev.signatures()).and_then(|s| s.uuid.as_deref()) == Some(uuid)
+        })
+        .collect();
+    let Some((dev, d)) = holders.first() else {
+        // Not found: a positive answer only from a probe that ran.
+        return match by_identity(inv, device_id) {
+            Some(d) if matches!(d.probe, Probe::Done { .. }) => Located::ContentChanged {
+                device: d.name.clone(),
+            },
+            Some(d) => Located::Unknown {
+                device: d.name.clone(),
+            },
+            None => Located::Missing,
+        };
+    };
+    let unfit = |state: &str, why: String| Located::Unfit {
+        device: dev.name.clone(),
+        state: state.to_string(),
+        why,
+    };
+    if holders.len() > 1 {
+        let all: Vec<String> = holders.iter().map(|(d, _)| d.name.clone()).collect();
+        return unfit(
+            Reason::DuplicateIdentity.as_str(),
+            format!("the filesystem is on {} at once", all.join(", ")),
+        );
+    }
+    match &d.verdict {
+        Verdict::Ours { fs_type, .. } => {
+            let target = mount_target(&input.cfg.host_dir, class, uuid);
+            ours_at(input, dev, fs_type, uuid, target)
+                .unwrap_or_else(|(state, why)| unfit(state, why))
+        }
+        Verdict::Refused { reason } => unfit(
+            reason.as_str(),
+            format!(
+                "/dev/{} is {}{}",
+                dev.name,
+                reason.as_str(),
+                d.detail
+                    .as_deref()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default()
+            ),
+        ),
+        Verdict::Pending { .. } | Verdict::Eligible => Located::Unknown {
+            device: dev.name.clone(),
+        },
+    }
+}
+
+/// A filesystem of ours on `dev`: present, or unfit (state and why) when
+/// its mount fails or the disk shrank under it.
+fn ours_at(
+    input: &PlanInput<'_>,
+    dev: &Device,
+    fs_type: &str,
+    uuid: &str,
+    target: PathBuf,
+) -> Result<Located, (&'static str, String)> {
+    let mounted = input.inv.mounts_of(dev).any(|m| m.mount_point == target);
+    let fact = input.mounts.get(&target).filter(|_| mounted);
+    if let Some(e) = fact.and_then(|f| f.io_error.as_deref()) {
+        return Err((
+            "io-error",
+            format!("the filesystem of /dev/{} fails ({e})", dev.name),
+        ));
+    }
+    if let Some(f) = fact.filter(|f| shrunk(dev, f)) {
+        return Err((
+            "shrunk",
+            format!(
+                "/dev/{} ({} bytes) is smaller than its filesystem ({} bytes)",
+                dev.name,
+                f.device_bytes.unwrap_or(dev.size_bytes),
+                f.fs_size()
+            ),
+        ));
+    }
+    Ok(Located::Present(Target::Fs {
+        device: dev.name.clone(),
+        devnode: dev.devnode.clone(),
+        devno: dev.devno,
+        fs_uuid: uuid.to_string(),
+        fs_type: if fs_type == "ext4" {
+            FsType::Ext4
+        } else {
+            FsType::Xfs
+        },
+        mount_point: mounted.then_some(target),
+    }))
+}
+
+/// A raw volume: the disk of its identity. It holds whatever its pod
+/// wrote, so only a disk that cannot be written is unfit.
+fn locate_raw(input: &PlanInput<'_>, device_id: Option<&str>) -> Located {
+    let inv: &Inventory = input.inv;
+    let Some(d) = by_identity(inv, device_id) else {
+        return Located::Missing;
+    };
+    let read_only = inv
+        .devices
+        .iter()
+        .zip(input.decisions)
+        .find(|(x, _)| x.name == d.name)
+        .is_some_and(|(_, x)| {
+            x.verdict
+                == Verdict::Refused {
+                    reason: Reason::ReadOnly,
+                }
+        });
+    if read_only {
+        return Located::Unfit {
+            device: d.name.clone(),
+            state: Reason::ReadOnly.as_str().to_string(),
+            why: format!("/dev/{} is read-only", d.name),
+        };
+    }
+    Located::Present(Target::Raw {
+        device: d.name.clone(),
+        devnode: d.devnode.clone(),
+        devno: d.devno,
+    })
+}
+
+/// A discovery-dir entry: the mount point, or the device a link names.
+fn locate_dir(input: &PlanInput<'_>, path: &Path) -> Located {
+    match input.dirs.iter().find(|e| e.path == path).map(|e| &e.kind) {
+        Some(DirEntryKind::MountPoint { devno, .. }) => Located::Present(Target::Dir {
+            path: path.to_path_buf(),
+            devno: *devno,
+        }),
+        Some(DirEntryKind::BlockLink { target, .. }) => {
+            match input.inv.devices.iter().find(|d| &d.devnode == target) {
+                Some(d) => Located::Present(Target::Raw {
+                    device: d.name.clone(),
+                    devnode: d.devnode.clone(),
+                    devno: d.devno,
+                }),
+                None => Located::Missing,
+            }
+        }
+        _ => Located::Missing,
+    }
 }
 
 /// Mounts under the kubelet dir that use this volume: kubelet's bind mounts
@@ -301,7 +262,7 @@ fn report(warning: bool, reason: &'static str, message: String, pv: &str) -> Act
         warning,
         reason,
         message,
-        subject: crate::plan::Subject::Pv(pv.to_string()),
+        subject: Subject::Pv(pv.to_string()),
     }
 }
 
@@ -343,198 +304,254 @@ fn identity_restore(
 pub fn recycle_plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut out = Vec::new();
     for pv in input.pvs {
-        let Some(name) = pv.metadata.name.as_deref() else {
-            continue;
-        };
-        let uid = pv.metadata.uid.clone().unwrap_or_default();
-        let resource_version = pv.metadata.resource_version.clone().unwrap_or_default();
-        if pv.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        // A PV of ours without the key disklet wrote (edited by hand, or
-        // written by something else with our label) is never acted on.
-        if ann(pv, ANN_KEY).is_none_or(|k| {
-            !(k.starts_with("fs:") || k.starts_with("dev:") || k.starts_with("dir:"))
-        }) {
-            out.push(report(true, "UnmanagedPv", format!("{name} carries disklet's node label but no disklet.io/volume-key disklet wrote; left alone"), name));
-            continue;
-        }
-        // disklet derives a PV's name from its node, class and key, and a
-        // name never changes: a PV whose key or class label says otherwise
-        // was edited by hand or copied under another name. Acting on it
-        // could clean another volume; it is left alone. Checked on PVs with
-        // a local source: every PV disklet writes has one and the API never
-        // removes it (the lifecycle table tests build PVs without one, under
-        // names disklet would never give them).
-        let key = ann(pv, ANN_KEY).unwrap_or_default();
-        let class = pv
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_CLASS))
-            .map(String::as_str)
-            .unwrap_or_default();
-        let has_local = pv.spec.as_ref().is_some_and(|s| s.local.is_some());
-        if has_local && pv_name(&input.node.name, class, key) != name {
-            out.push(report(true, "UnmanagedPv", format!("{name}: its name is not the one disklet gives the volume its disklet.io/volume-key ({key}) and disklet.io/class ({class:?}) name (edited by hand, or a copy of another PV); left alone"), name));
-            continue;
-        }
-        let phase = pv
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .unwrap_or("Pending");
-        // A bind writes claimRef first and the phase in a second update: a
-        // PV seen in between is claimed already, and is never withdrawn.
-        let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
-        let phase = if claimed && matches!(phase, "Available" | "Pending") {
-            "Bound"
-        } else {
-            phase
-        };
-        let located = locate(pv, input);
-
-        // A PV of an earlier incarnation of this node (deleted and recreated
-        // under the same name): adopted only if its volume is here, else left
-        // alone — never withdrawn or recycled on the word of another Node.
-        let pv_node_uid = ann(pv, ANN_NODE_UID).unwrap_or_default();
-        if !input.node.uid.is_empty() && !pv_node_uid.is_empty() && pv_node_uid != input.node.uid {
-            match &located {
-                Located::Present(_) | Located::Unfit { .. } => {
-                    out.push(report(false, "Adopted", format!("{name} was published by an earlier Node {} (uid {pv_node_uid}); its volume is here, so this node adopts it", input.node.name), name));
-                    out.push(annotate(name, ANN_NODE_UID, Some(&input.node.uid)));
-                }
-                _ => {
-                    out.push(report(true, "OrphanedPv", format!("{name} belongs to an earlier Node {} (uid {pv_node_uid}) and its volume is not on this node; left alone (delete it if the disk is gone for good)", input.node.name), name));
-                    continue;
-                }
-            }
-        }
-
-        let mark = ann(pv, ANN_DEVICE_STATE);
-        let marked_missing = mark == Some("missing");
-        let cleanup_started = ann(pv, ANN_CLEANUP) == Some("started");
-        match (&located, phase) {
-            // Nothing is known: nothing is decided.
-            (Located::Unknown { .. }, _) => {}
-            // A pod could not use it: nothing new is scheduled onto it.
-            (Located::Unfit { device, why, .. }, "Available" | "Pending") => out.push(Action::DeletePv {
-                name: name.to_string(),
-                uid,
-                resource_version: resource_version.clone(),
-                reason: "VolumeWithdrawn",
-                note: format!("{name}: {why}; withdrawn so nothing new is scheduled onto it (published again once /dev/{device} is fit)"),
-            }),
-            // A claimed one is kept, marked and never cleaned.
-            (Located::Unfit { state, why, .. }, _) => {
-                if mark != Some(state.as_str()) {
-                    let reason = match state.as_str() {
-                        "shrunk" => "DeviceShrunk",
-                        "read-only" => "DeviceReadOnly",
-                        "io-error" => "VolumeIoError",
-                        _ => "DeviceUnfit",
-                    };
-                    out.push(report(true, reason, format!("{name} ({phase}): {why}; the PV is kept and marked, nothing on the disk is cleaned or formatted"), name));
-                    out.push(annotate(name, ANN_DEVICE_STATE, Some(state)));
-                }
-            }
-            // Nothing new may be scheduled onto a volume that is not there.
-            (Located::Missing, "Available" | "Pending") => out.push(Action::DeletePv {
-                name: name.to_string(),
-                uid,
-                resource_version: resource_version.clone(),
-                reason: "VolumeWithdrawn",
-                note: format!("{name}: its disk is not on the node; withdrawn so nothing new is scheduled onto it (it is published again when the same disk returns)"),
-            }),
-            // A claimed volume is never deleted because its disk vanished.
-            (Located::Missing, _) => {
-                if !marked_missing {
-                    out.push(report(true, "DeviceMissing", format!("{name} ({phase}): its disk is not on the node; the PV is kept and marked"), name));
-                    out.push(annotate(name, ANN_DEVICE_STATE, Some("missing")));
-                }
-            }
-            (Located::ContentChanged { device }, "Released") if cleanup_started => out.push(Action::DeletePv {
-                name: name.to_string(),
-                uid,
-                resource_version: resource_version.clone(),
-                reason: "Recycled",
-                note: format!("{name}: the cleanup of /dev/{device} had finished before a restart; the old PV is deleted"),
-            }),
-            (Located::ContentChanged { device }, _) => out.push(report(
-                true,
-                "VolumeReplaced",
-                format!("{name}: /dev/{device} no longer carries the filesystem this PV names; left alone"),
-                name,
-            )),
-            (Located::Present(target), _) => {
-                if let Some(m) = mark {
-                    let msg = if marked_missing {
-                        format!("{name}: its disk is back")
-                    } else {
-                        format!("{name}: its disk is fit again (was {m})")
-                    };
-                    out.push(report(false, "DeviceReturned", msg, name));
-                    out.push(annotate(name, ANN_DEVICE_STATE, None));
-                }
-                if phase != "Released" {
-                    continue;
-                }
-                // Server-side apply keeps the annotations of a claimed PV as
-                // disklet wrote them, but not a Released one's. A cleanup is
-                // verified against them, so they are first restored from what
-                // the name vouches for (the key) and what the disk says.
-                let restore = identity_restore(pv, target, input);
-                if !restore.is_empty() {
-                    let what: Vec<String> = restore
-                        .iter()
-                        .map(|(k, v)| format!("{k}: {:?} -> {v}", ann(pv, k).unwrap_or_default()))
-                        .collect();
-                    out.push(report(true, "PvModified", format!("{name}: identity annotations differ from its key and its disk ({}); restored before any cleanup", what.join(", ")), name));
-                    out.push(Action::AnnotatePv {
-                        name: name.to_string(),
-                        set: restore.into_iter().map(|(k, v)| (k.to_string(), Some(v))).collect(),
-                    });
-                    continue;
-                }
-                let policy = pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()).unwrap_or("Retain");
-                match policy {
-                    "Retain" => {
-                        if ann(pv, ANN_RECLAIM) != Some("retained") {
-                            out.push(report(false, "Retained", format!("{name} is Released with reclaim policy Retain: its data is kept; delete the PV to free the disk"), name));
-                            out.push(annotate(name, ANN_RECLAIM, Some("retained")));
-                        }
-                    }
-                    "Delete" => {
-                        let users = kubelet_users(target, input.inv, &input.cfg.kubelet_dir);
-                        if !users.is_empty() {
-                            out.push(Action::Wait {
-                                pv: name.to_string(),
-                                reason: "VolumeInUse",
-                                message: format!("{name} is Released but still mounted by kubelet at {}; not cleaning it until the pod lets go", users[0].display()),
-                            });
-                            continue;
-                        }
-                        let class = pv.metadata.labels.as_ref().and_then(|l| l.get(LABEL_CLASS)).cloned().unwrap_or_default();
-                        let configured = input.classes.classes.iter().find(|c| c.class.name == class).and_then(|c| c.class.cleanup);
-                        out.push(Action::Recycle {
-                            pv: name.to_string(),
-                            uid,
-                            class,
-                            method: target.method(configured),
-                            target: target.clone(),
-                            expected_device_id: ann(pv, ANN_DEVICE_ID).map(str::to_string),
-                            expected_fs_uuid: ann(pv, ANN_FS_UUID).map(str::to_string),
-                        });
-                    }
-                    other => out.push(report(
-                        true,
-                        "ReclaimPolicyUnsupported",
-                        format!("{name} is Released with reclaim policy {other:?}; disklet recycles only Delete and keeps Retain, so it does nothing"),
-                        name,
-                    )),
-                }
-            }
+        if let Some(view) = managed(pv, input, &mut out) {
+            lifecycle(&view, input, &mut out);
         }
     }
     out
+}
+
+/// One of this node's PVs, as the lifecycle plan reads it.
+struct PvView<'p> {
+    pv: &'p PersistentVolume,
+    name: &'p str,
+    /// The phase, with a claimed PV counted Bound.
+    phase: &'p str,
+    located: Located,
+    /// `disklet.io/device-state`.
+    mark: Option<&'p str>,
+}
+
+/// The PV if disklet may act on it: not being deleted, written by disklet
+/// under the name its key gives, of this incarnation of the node (or of an
+/// earlier one whose volume is here, adopted). Reports the others.
+fn managed<'p>(
+    pv: &'p PersistentVolume,
+    input: &PlanInput<'_>,
+    out: &mut Vec<Action>,
+) -> Option<PvView<'p>> {
+    let name = pv.metadata.name.as_deref()?;
+    if pv.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    // A PV of ours without the key disklet wrote (edited by hand, or
+    // written by something else with our label) is never acted on.
+    if ann(pv, ANN_KEY)
+        .is_none_or(|k| !(k.starts_with("fs:") || k.starts_with("dev:") || k.starts_with("dir:")))
+    {
+        out.push(report(true, event::UNMANAGED_PV, format!("{name} carries disklet's node label but no disklet.io/volume-key disklet wrote; left alone"), name));
+        return None;
+    }
+    // disklet derives a PV's name from its node, class and key, and a name
+    // never changes: a PV whose key or class label says otherwise was
+    // edited by hand or copied under another name. Acting on it could clean
+    // another volume; it is left alone. Checked on PVs with a local source:
+    // every PV disklet writes has one and the API never removes it (the
+    // lifecycle table tests build PVs without one, under names disklet
+    // would never give them).
+    let key = ann(pv, ANN_KEY).unwrap_or_default();
+    let class = pv
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CLASS))
+        .map(String::as_str)
+        .unwrap_or_default();
+    let has_local = pv.spec.as_ref().is_some_and(|s| s.local.is_some());
+    if has_local && pv_name(&input.node.name, class, key) != name {
+        out.push(report(true, event::UNMANAGED_PV, format!("{name}: its name is not the one disklet gives the volume its disklet.io/volume-key ({key}) and disklet.io/class ({class:?}) name (edited by hand, or a copy of another PV); left alone"), name));
+        return None;
+    }
+    let phase = pv
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending");
+    // A bind writes claimRef first and the phase in a second update: a PV
+    // seen in between is claimed already, and is never withdrawn.
+    let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
+    let phase = if claimed && matches!(phase, "Available" | "Pending") {
+        "Bound"
+    } else {
+        phase
+    };
+    let located = locate(pv, input);
+    // A PV of an earlier incarnation of this node (deleted and recreated
+    // under the same name): adopted only if its volume is here, else left
+    // alone — never withdrawn or recycled on the word of another Node.
+    let pv_node_uid = ann(pv, ANN_NODE_UID).unwrap_or_default();
+    if !input.node.uid.is_empty() && !pv_node_uid.is_empty() && pv_node_uid != input.node.uid {
+        if !matches!(located, Located::Present(_) | Located::Unfit { .. }) {
+            out.push(report(true, event::ORPHANED_PV, format!("{name} belongs to an earlier Node {} (uid {pv_node_uid}) and its volume is not on this node; left alone (delete it if the disk is gone for good)", input.node.name), name));
+            return None;
+        }
+        out.push(report(false, event::ADOPTED, format!("{name} was published by an earlier Node {} (uid {pv_node_uid}); its volume is here, so this node adopts it", input.node.name), name));
+        out.push(annotate(name, ANN_NODE_UID, Some(&input.node.uid)));
+    }
+    Some(PvView {
+        pv,
+        name,
+        phase,
+        located,
+        mark: ann(pv, ANN_DEVICE_STATE),
+    })
+}
+
+/// A withdrawal of an unclaimed PV, with the plan's preconditions.
+fn withdraw(v: &PvView<'_>, reason: &'static str, note: String) -> Action {
+    Action::DeletePv {
+        name: v.name.to_string(),
+        uid: v.pv.metadata.uid.clone().unwrap_or_default(),
+        resource_version: v.pv.metadata.resource_version.clone().unwrap_or_default(),
+        reason,
+        note,
+    }
+}
+
+/// What the PV's phase and where its volume is call for.
+fn lifecycle(v: &PvView<'_>, input: &PlanInput<'_>, out: &mut Vec<Action>) {
+    let (name, phase, mark) = (v.name, v.phase, v.mark);
+    let cleanup_started = ann(v.pv, ANN_CLEANUP) == Some("started");
+    match (&v.located, phase) {
+        // Nothing is known: nothing is decided.
+        (Located::Unknown { .. }, _) => {}
+        // A pod could not use it: nothing new is scheduled onto it.
+        (Located::Unfit { device, why, .. }, "Available" | "Pending") => out.push(withdraw(
+            v,
+            event::VOLUME_WITHDRAWN,
+            format!("{name}: {why}; withdrawn so nothing new is scheduled onto it (published again once /dev/{device} is fit)"),
+        )),
+        // A claimed one is kept, marked and never cleaned.
+        (Located::Unfit { state, why, .. }, _) => {
+            if mark != Some(state.as_str()) {
+                let reason = match state.as_str() {
+                    "shrunk" => event::DEVICE_SHRUNK,
+                    "read-only" => event::DEVICE_READ_ONLY,
+                    "io-error" => event::VOLUME_IO_ERROR,
+                    _ => event::DEVICE_UNFIT,
+                };
+                out.push(report(true, reason, format!("{name} ({phase}): {why}; the PV is kept and marked, nothing on the disk is cleaned or formatted"), name));
+                out.push(annotate(name, ANN_DEVICE_STATE, Some(state)));
+            }
+        }
+        // Nothing new may be scheduled onto a volume that is not there.
+        (Located::Missing, "Available" | "Pending") => out.push(withdraw(
+            v,
+            event::VOLUME_WITHDRAWN,
+            format!("{name}: its disk is not on the node; withdrawn so nothing new is scheduled onto it (it is published again when the same disk returns)"),
+        )),
+        // A claimed volume is never deleted because its disk vanished.
+        (Located::Missing, _) => {
+            if mark != Some("missing") {
+                out.push(report(true, event::DEVICE_MISSING, format!("{name} ({phase}): its disk is not on the node; the PV is kept and marked"), name));
+                out.push(annotate(name, ANN_DEVICE_STATE, Some("missing")));
+            }
+        }
+        (Located::ContentChanged { device }, "Released") if cleanup_started => out.push(withdraw(
+            v,
+            event::RECYCLED,
+            format!("{name}: the cleanup of /dev/{device} had finished before a restart; the old PV is deleted"),
+        )),
+        (Located::ContentChanged { device }, _) => out.push(report(
+            true,
+            event::VOLUME_REPLACED,
+            format!("{name}: /dev/{device} no longer carries the filesystem this PV names; left alone"),
+            name,
+        )),
+        (Located::Present(target), _) => present(v, target, input, out),
+    }
+}
+
+/// The PV's volume is here: a mark cleared, and a Released PV recycled per
+/// its reclaim policy.
+fn present(v: &PvView<'_>, target: &Target, input: &PlanInput<'_>, out: &mut Vec<Action>) {
+    let (pv, name) = (v.pv, v.name);
+    if let Some(m) = v.mark {
+        let msg = if m == "missing" {
+            format!("{name}: its disk is back")
+        } else {
+            format!("{name}: its disk is fit again (was {m})")
+        };
+        out.push(report(false, event::DEVICE_RETURNED, msg, name));
+        out.push(annotate(name, ANN_DEVICE_STATE, None));
+    }
+    if v.phase != "Released" {
+        return;
+    }
+    // Server-side apply keeps the annotations of a claimed PV as disklet
+    // wrote them, but not a Released one's. A cleanup is verified against
+    // them, so they are first restored from what the name vouches for (the
+    // key) and what the disk says.
+    let restore = identity_restore(pv, target, input);
+    if !restore.is_empty() {
+        let what: Vec<String> = restore
+            .iter()
+            .map(|(k, val)| format!("{k}: {:?} -> {val}", ann(pv, k).unwrap_or_default()))
+            .collect();
+        out.push(report(true, event::PV_MODIFIED, format!("{name}: identity annotations differ from its key and its disk ({}); restored before any cleanup", what.join(", ")), name));
+        out.push(Action::AnnotatePv {
+            name: name.to_string(),
+            set: restore
+                .into_iter()
+                .map(|(k, val)| (k.to_string(), Some(val)))
+                .collect(),
+        });
+        return;
+    }
+    let policy = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        .unwrap_or("Retain");
+    match policy {
+        "Retain" => {
+            if ann(pv, ANN_RECLAIM) != Some("retained") {
+                out.push(report(false, event::RETAINED, format!("{name} is Released with reclaim policy Retain: its data is kept; delete the PV to free the disk"), name));
+                out.push(annotate(name, ANN_RECLAIM, Some("retained")));
+            }
+        }
+        "Delete" => out.push(release(v, target, input)),
+        other => out.push(report(
+            true,
+            event::RECLAIM_POLICY_UNSUPPORTED,
+            format!("{name} is Released with reclaim policy {other:?}; disklet recycles only Delete and keeps Retain, so it does nothing"),
+            name,
+        )),
+    }
+}
+
+/// A Released PV of reclaim policy Delete: cleaned, unless kubelet still
+/// mounts its volume.
+fn release(v: &PvView<'_>, target: &Target, input: &PlanInput<'_>) -> Action {
+    let (pv, name) = (v.pv, v.name);
+    let users = kubelet_users(target, input.inv, &input.cfg.kubelet_dir);
+    if let Some(u) = users.first() {
+        return Action::Wait {
+            pv: name.to_string(),
+            reason: event::VOLUME_IN_USE,
+            message: format!("{name} is Released but still mounted by kubelet at {}; not cleaning it until the pod lets go", u.display()),
+        };
+    }
+    let class = pv
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CLASS))
+        .cloned()
+        .unwrap_or_default();
+    let configured = input
+        .classes
+        .classes
+        .iter()
+        .find(|c| c.class.name == class)
+        .and_then(|c| c.class.cleanup);
+    Action::Recycle(Recycle {
+        pv: name.to_string(),
+        uid: pv.metadata.uid.clone().unwrap_or_default(),
+        class,
+        method: target.method(configured),
+        target: target.clone(),
+        expected_device_id: ann(pv, ANN_DEVICE_ID).map(str::to_string),
+        expected_fs_uuid: ann(pv, ANN_FS_UUID).map(str::to_string),
+    })
 }

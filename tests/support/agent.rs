@@ -524,7 +524,7 @@ impl Env {
                 .into(),
                 create_blocked: None,
             };
-            let pv = disklet::k8s::pv::build_pv(&v, node, "local-fast", &sc, &keys);
+            let pv = disklet::plan::pv::build_pv(&v, node, "local-fast", &sc, &keys);
             let name = pv.metadata.name.clone().unwrap();
             let mut body = serde_json::to_value(&pv).unwrap();
             body["apiVersion"] = json!("v1");

@@ -151,7 +151,7 @@ pub async fn run(agents: usize, foreign: usize, window: Duration) -> Report {
         .filter(|a| {
             let own = format!(
                 "disklet.io/node={}",
-                disklet::k8s::pv::node_label_value(&a.node)
+                disklet::model::keys::node_label_value(&a.node)
             );
             !a.query("labelSelector")
                 .is_some_and(|sel| sel.split(',').any(|t| t == own))

@@ -11,55 +11,12 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::config::VolumeMode;
-use crate::model::{NodeInfo, ScInfo, Volume, HOSTNAME_LABEL};
-
-pub const LABEL_NODE: &str = "disklet.io/node";
-pub const LABEL_CLASS: &str = "disklet.io/class";
-pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
-pub const ANN_KEY: &str = "disklet.io/volume-key";
-pub const ANN_NODE_UID: &str = "disklet.io/node-uid";
-pub const ANN_DEVICE_ID: &str = "disklet.io/device-id";
-pub const ANN_BY_ID: &str = "disklet.io/by-id";
-pub const ANN_SERIAL: &str = "disklet.io/serial";
-pub const ANN_FS_UUID: &str = "disklet.io/fs-uuid";
-pub const FIELD_MANAGER: &str = "disklet";
-pub const PROVISIONER: &str = "disklet";
-
-/// FNV-1a, 64 bit: stable across versions and platforms, which PV names must be.
-pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// The value for the `disklet.io/node` label: the node name when it is a valid
-/// label value (63 characters at most), else a stable hash of it.
-pub fn node_label_value(node: &str) -> String {
-    let valid = !node.is_empty()
-        && node.len() <= 63
-        && node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        && node.as_bytes()[0].is_ascii_alphanumeric()
-        && node.as_bytes()[node.len() - 1].is_ascii_alphanumeric();
-    if valid {
-        node.to_string()
-    } else {
-        format!("h-{:016x}", fnv1a64(node.as_bytes()))
-    }
-}
-
-/// `disklet-<class>-<16 hex>`: a hash of the node name and the volume key. The
-/// key carries the filesystem UUID (new on every format), the device identity
-/// or the discovery path, so a name never moves to another disk, node, or
-/// a reformatted filesystem.
-pub fn pv_name(node: &str, class: &str, key: &str) -> String {
-    let h = fnv1a64(format!("{node}\0{key}").as_bytes());
-    format!("disklet-{class}-{h:016x}")
-}
+use crate::model::keys::{
+    node_label_value, pv_name, ANN_KEY, ANN_NODE_UID, ANN_PROVISIONED_BY, HOSTNAME_LABEL,
+    LABEL_CLASS, LABEL_NODE, PROVISIONER,
+};
+use crate::model::quantity::exact;
+use crate::model::{NodeInfo, ScInfo, Volume};
 
 /// The PV for a volume. Every field disklet owns is set here, and only those,
 /// so server-side apply with the `disklet` field manager converges to it.
@@ -101,7 +58,7 @@ pub fn build_pv(
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeSpec {
-            capacity: Some([("storage".to_string(), Quantity(quantity(v.capacity_bytes)))].into()),
+            capacity: Some([("storage".to_string(), Quantity(exact(v.capacity_bytes)))].into()),
             access_modes: Some(vec![v.access_mode.as_str().to_string()]),
             volume_mode: Some(match v.mode {
                 VolumeMode::Filesystem => "Filesystem".to_string(),
@@ -127,17 +84,6 @@ pub fn build_pv(
         }),
         status: None,
     }
-}
-
-/// Bytes as an exact Kubernetes quantity, with the largest binary suffix that
-/// divides them (`268435456` → `256Mi`), so `kubectl get pv` reads well.
-pub fn quantity(bytes: u64) -> String {
-    for (shift, suffix) in [(50, "Pi"), (40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
-            return format!("{}{suffix}", bytes >> shift);
-        }
-    }
-    bytes.to_string()
 }
 
 /// Whether an existing PV already says what `desired` says, for the fields
@@ -229,6 +175,7 @@ fn affinity_terms(s: &PersistentVolumeSpec) -> Vec<(Vec<Requirement>, Vec<Requir
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::keys::ANN_FS_UUID;
     use std::path::PathBuf;
 
     fn node() -> NodeInfo {
@@ -256,33 +203,6 @@ mod tests {
             annotations: [(ANN_FS_UUID.to_string(), "1234".to_string())].into(),
             create_blocked: None,
         }
-    }
-
-    #[test]
-    fn names_are_dns1123_deterministic_and_distinct() {
-        let n = pv_name("node-a", "fast", "fs:1234");
-        assert_eq!(n, pv_name("node-a", "fast", "fs:1234"));
-        assert_ne!(n, pv_name("node-b", "fast", "fs:1234"), "another node");
-        assert_ne!(
-            n,
-            pv_name("node-a", "fast", "fs:1235"),
-            "a reformatted disk"
-        );
-        assert!(n.len() <= 253 && n.starts_with("disklet-fast-"));
-        assert!(n
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
-        // FNV-1a test vector: names must never change across releases.
-        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
-    }
-
-    #[test]
-    fn node_label_values_are_valid_labels() {
-        assert_eq!(node_label_value("node-a"), "node-a");
-        let long = "n".repeat(100);
-        let v = node_label_value(&long);
-        assert!(v.len() <= 63 && v.starts_with("h-"));
-        assert_eq!(v, node_label_value(&long));
     }
 
     #[test]
@@ -317,10 +237,10 @@ mod tests {
         assert_eq!(v["metadata"]["annotations"]["disklet.io/fs-uuid"], "1234");
         let s = &v["spec"];
         assert_eq!(s["capacity"]["storage"], "308Mi");
-        assert_eq!(quantity(268435456), "256Mi");
-        assert_eq!(quantity(1 << 40), "1Ti");
-        assert_eq!(quantity(1000), "1000");
-        assert_eq!(quantity(0), "0");
+        assert_eq!(crate::model::quantity::exact(268435456), "256Mi");
+        assert_eq!(crate::model::quantity::exact(1 << 40), "1Ti");
+        assert_eq!(crate::model::quantity::exact(1000), "1000");
+        assert_eq!(crate::model::quantity::exact(0), "0");
         assert_eq!(s["accessModes"], serde_json::json!(["ReadWriteOnce"]));
         assert_eq!(s["volumeMode"], "Filesystem");
         assert_eq!(s["storageClassName"], "local-fast");
