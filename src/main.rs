@@ -236,7 +236,7 @@ fn run_scan(cfg: &Config, output: Output) -> anyhow::Result<()> {
     let text = match output {
         Output::Table => disklet::scan::render_table(&rows),
         Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
-        Output::Yaml => serde_yaml::to_string(&rows)?,
+        Output::Yaml => serde_saphyr::to_string(&rows)?,
     };
     print!("{text}");
     Ok(())

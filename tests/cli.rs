@@ -56,7 +56,7 @@ fn scan_table_and_yaml_render() {
     for _ in 0..20 {
         let before = table();
         let yaml = disklet(&["scan", "-o", "yaml"]);
-        let rows: Vec<serde_yaml::Value> = serde_yaml::from_slice(&yaml.stdout).unwrap();
+        let rows: Vec<serde_json::Value> = serde_saphyr::from_slice(&yaml.stdout).unwrap();
         if table() != before {
             continue;
         }

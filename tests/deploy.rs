@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use disklet::config::{Config, VolumeMode};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 const NAMESPACE: &str = "disklet-system";
@@ -130,8 +129,9 @@ fn kubernetes_validate(test: &str) -> Option<PathBuf> {
 }
 
 fn parse_docs(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap()
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }

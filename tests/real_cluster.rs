@@ -27,8 +27,7 @@ fn pvs(s: &Scope) -> Api<PersistentVolume> {
 fn example_statefulset(ns: &str, sc: &str, replicas: i32) -> serde_json::Value {
     let text = std::fs::read_to_string(repo().join("deploy/examples/statefulset.yaml")).unwrap();
     let mut sts = None;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+    for v in serde_saphyr::from_multiple::<serde_json::Value>(&text).unwrap() {
         if v["kind"] == "StatefulSet" {
             sts = Some(v);
         }

@@ -8,11 +8,7 @@ use crate::model::DeviceKind;
 
 /// Decodes the file strictly; the first thing it cannot decode is the problem.
 pub(super) fn decode(text: &str) -> Result<Config, Problem> {
-    let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        problem(path, &e.into_inner().to_string())
-    })
+    super::decode::decode(text).map_err(|f| problem(f.path, &f.message))
 }
 
 /// The problem for a decoder message `raw` at `path` (serde_path_to_error's
@@ -25,8 +21,8 @@ fn problem(path: String, raw: &str) -> Problem {
         p => p,
     };
     let mut message = plain_message(raw);
-    // A list or mapping where a plain word is expected: serde_yaml
-    // asks for a YAML tag; name the words instead.
+    // A list where a plain word is expected: the decoder asks for a YAML
+    // tag; name the words instead.
     if let Some(words) = message
         .contains("expected a YAML tag")
         .then(|| enum_words(&key))
@@ -68,13 +64,11 @@ fn problem(path: String, raw: &str) -> Problem {
 /// The words an enum key accepts, as serde lists them (`` `xfs` or `ext4` ``).
 pub(super) fn enum_words(key: &str) -> Option<String> {
     fn words<T: serde::de::DeserializeOwned>() -> Option<String> {
-        let e = serde_yaml::from_str::<T>("\"\"").err()?.to_string();
+        use serde::de::value::{Error, StrDeserializer};
+        let e = T::deserialize(StrDeserializer::<Error>::new("")).err()?;
+        let e = e.to_string();
         let at = e.find("expected ")? + "expected ".len();
-        let end = e
-            .rfind(" at line")
-            .filter(|end| *end > at)
-            .unwrap_or(e.len());
-        Some(e[at..end].to_string())
+        Some(e[at..].to_string())
     }
     let last = key.rsplit('.').next()?;
     let last = last.split('[').next()?;
@@ -88,7 +82,7 @@ pub(super) fn enum_words(key: &str) -> Option<String> {
         _ => None,
     }
 }
-/// serde_yaml's message without the path it repeats in front (which, for a
+/// The decoder's message without a path it repeats in front (which, for a
 /// value refused by a custom deserializer, names the enclosing mapping rather
 /// than the key: the key comes from `serde_path_to_error` instead), and with
 /// Rust type names replaced by what to write.

@@ -5,6 +5,7 @@
 //! well-formed file must still pass, [`messages`] the translation of the YAML
 //! decoder's errors into a key path and what to write instead.
 
+mod decode;
 mod messages;
 mod schema;
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use serde::de::Unexpected;
 use serde::{Deserialize, Serialize};
 
 use super::{AccessMode, VolumeMode};
@@ -26,7 +27,7 @@ pub struct Config {
     #[serde(default)]
     pub topology_keys: Vec<String>,
     /// Full reconcile at least this often, whatever the events say.
-    #[serde(default = "default_resync")]
+    #[serde(default = "default_resync", deserialize_with = "whole_number")]
     pub resync_seconds: u64,
     #[serde(default)]
     pub classes: Vec<Class>,
@@ -145,7 +146,7 @@ pub struct Class {
     #[serde(default)]
     pub fs_type: FsType,
     /// A device must look the same for this long before disklet acts on it.
-    #[serde(default = "default_settle")]
+    #[serde(default = "default_settle", deserialize_with = "whole_number")]
     pub settle_seconds: u64,
     #[serde(default)]
     pub blank_check: BlankCheck,
@@ -190,8 +191,9 @@ pub struct Selector {
     /// cross `/`.
     #[serde(default)]
     pub paths: Vec<String>,
-    /// Globs on udev properties (requires udevd).
-    #[serde(default)]
+    /// Globs on udev properties (requires udevd). A property given no value
+    /// (`{DISKLET_CLASS: }`) holds the empty glob, which validation refuses.
+    #[serde(default, deserialize_with = "globs_or_null")]
     pub udev: BTreeMap<String, String>,
     /// Globs on the backing file of loop devices (loop-backed test and lab
     /// setups); needs `loop` in `types`.
@@ -238,37 +240,124 @@ fn default_types() -> Vec<DeviceKind> {
     vec![DeviceKind::Disk]
 }
 
+/// A count of seconds: a plain whole number. A quoted `"60"`, a fraction or
+/// a negative number is refused in serde's words (`invalid type: string "60",
+/// expected a whole number`), whatever the decoder would coerce.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n).map_err(|_| E::invalid_type(Unexpected::Signed(n), &self))
+        }
+        fn visit_u128<E: serde::de::Error>(self, n: u128) -> Result<u64, E> {
+            u64::try_from(n).map_err(|_| {
+                E::invalid_value(
+                    Unexpected::Other("a number over 18446744073709551615"),
+                    &self,
+                )
+            })
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<u64, E> {
+            if n.fract() == 0.0 && n >= u64::MAX as f64 {
+                Err(E::invalid_value(
+                    Unexpected::Other("a number over 18446744073709551615"),
+                    &self,
+                ))
+            } else {
+                Err(E::invalid_type(Unexpected::Float(n), &self))
+            }
+        }
+    }
+    d.deserialize_any(Whole)
+}
+
+/// udev property globs, where a property given no value holds `""`.
+fn globs_or_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let m = BTreeMap::<String, Option<String>>::deserialize(d)?;
+    Ok(m.into_iter()
+        .map(|(k, v)| (k, v.unwrap_or_default()))
+        .collect())
+}
+
 /// A size: a whole number of bytes or a quantity string (`500Gi`); `null`
 /// means unset. Anything else (a negative or fractional number, a list) gets
 /// one message that says what to write, not serde's "no variant matched".
 fn quantity_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Quantity>, D::Error> {
-    use serde::de::Error;
-    const HINT: &str =
-        "write a whole number of bytes, or one with a suffix: Ki Mi Gi Ti Pi Ei or k M G T P E, e.g. 500Gi";
-    match serde_yaml::Value::deserialize(d)? {
-        serde_yaml::Value::Null => Ok(None),
-        serde_yaml::Value::Number(n) => match n.as_u64() {
-            Some(b) => Ok(Some(Quantity(b))),
-            None => Err(D::Error::custom(format!(
-                "invalid size {n}: not a whole number of bytes ({HINT})"
-            ))),
-        },
-        serde_yaml::Value::String(s) => s.parse().map(Some).map_err(D::Error::custom),
-        other => Err(D::Error::custom(format!(
-            "invalid size: {} ({HINT})",
-            yaml_kind(&other)
-        ))),
+    d.deserialize_any(SizeVisitor)
+}
+
+const SIZE_HINT: &str =
+    "write a whole number of bytes, or one with a suffix: Ki Mi Gi Ti Pi Ei or k M G T P E, e.g. 500Gi";
+
+struct SizeVisitor;
+
+impl SizeVisitor {
+    fn not_whole<E: serde::de::Error>(n: impl std::fmt::Display) -> E {
+        E::custom(format!(
+            "invalid size {n}: not a whole number of bytes ({SIZE_HINT})"
+        ))
+    }
+
+    fn not_a_size<E: serde::de::Error>(kind: &str) -> E {
+        E::custom(format!("invalid size: {kind} ({SIZE_HINT})"))
     }
 }
 
-fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
-    match v {
-        serde_yaml::Value::Null => "no value",
-        serde_yaml::Value::Bool(_) => "a boolean",
-        serde_yaml::Value::Number(_) => "a number",
-        serde_yaml::Value::String(_) => "a string",
-        serde_yaml::Value::Sequence(_) => "a list",
-        serde_yaml::Value::Mapping(_) => "a mapping",
-        serde_yaml::Value::Tagged(_) => "a tagged value",
+impl<'de> serde::de::Visitor<'de> for SizeVisitor {
+    type Value = Option<Quantity>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "a size ({SIZE_HINT})")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(SizeVisitor)
+    }
+    fn visit_u64<E: serde::de::Error>(self, b: u64) -> Result<Self::Value, E> {
+        Ok(Some(Quantity(b)))
+    }
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        u64::try_from(n)
+            .map(|b| Some(Quantity(b)))
+            .map_err(|_| Self::not_whole(n))
+    }
+    fn visit_u128<E: serde::de::Error>(self, n: u128) -> Result<Self::Value, E> {
+        u64::try_from(n)
+            .map(|b| Some(Quantity(b)))
+            .map_err(|_| Self::not_whole(n))
+    }
+    fn visit_i128<E: serde::de::Error>(self, n: i128) -> Result<Self::Value, E> {
+        u64::try_from(n)
+            .map(|b| Some(Quantity(b)))
+            .map_err(|_| Self::not_whole(n))
+    }
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+        Err(Self::not_whole(n))
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        s.parse().map(Some).map_err(E::custom)
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(Self::not_a_size("a boolean"))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(Self::not_a_size("a list"))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(Self::not_a_size("a mapping"))
     }
 }

@@ -548,11 +548,11 @@ fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
         return Err(ApiError::bad_request("the request body is empty"));
     }
     if content_type.contains("yaml") {
-        serde_yaml::from_slice::<Value>(body)
+        serde_saphyr::from_slice::<Value>(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
     } else {
         serde_json::from_slice::<Value>(body).or_else(|e| {
-            serde_yaml::from_slice::<Value>(body)
+            serde_saphyr::from_slice::<Value>(body)
                 .map_err(|_| ApiError::bad_request(format!("error decoding JSON: {e}")))
         })
     }

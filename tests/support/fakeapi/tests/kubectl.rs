@@ -61,7 +61,7 @@ fn write_pv(dir: &Path, file: &str, name: &str, node: &str, storage: &str) -> St
     let mut v = pv(name, node);
     v["spec"]["capacity"]["storage"] = Value::String(storage.into());
     let path = dir.join(file);
-    std::fs::write(&path, serde_yaml::to_string(&v).expect("yaml")).expect("write manifest");
+    std::fs::write(&path, serde_saphyr::to_string(&v).expect("yaml")).expect("write manifest");
     path.display().to_string()
 }
 
