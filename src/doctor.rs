@@ -6,8 +6,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::host::system::NodeFacts;
 use crate::host::udevdb::UdevDb;
 use crate::host::Cmd;
+use crate::model::quantity::format_bytes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -124,6 +126,73 @@ pub fn host(cfg: &Config, udev: &UdevDb) -> Vec<Check> {
     out
 }
 
+/// Below this memory limit the agent (tens of MiB with its mkfs children)
+/// risks the OOM killer; deploy/ gives it 128Mi.
+const MEMORY_FLOOR: u64 = 64 << 20;
+
+/// What the node is, as sysinfo reads it: kernel, CPUs, uptime, memory.
+pub fn node(facts: &NodeFacts) -> Vec<Check> {
+    let kernel = if facts.kernel.is_empty() {
+        check(
+            Level::Warn,
+            "kernel",
+            "the kernel release cannot be read",
+            "",
+        )
+    } else {
+        let up = facts.uptime_seconds;
+        let detail = format!(
+            "{} ({}), {} CPUs, up {} h {} min",
+            facts.kernel,
+            if facts.os.is_empty() {
+                "OS image unknown"
+            } else {
+                &facts.os
+            },
+            facts.cpus,
+            up / 3600,
+            up % 3600 / 60
+        );
+        check(Level::Ok, "kernel", detail, "")
+    };
+    let mut detail = format!(
+        "{} total, {} available",
+        format_bytes(facts.memory_total),
+        format_bytes(facts.memory_available)
+    );
+    if let Some(limit) = facts.cgroup_memory_limit {
+        detail.push_str(&format!(
+            ", the agent's cgroup limit {}",
+            format_bytes(limit)
+        ));
+    }
+    let room = facts
+        .cgroup_memory_limit
+        .unwrap_or(u64::MAX)
+        .min(facts.memory_available);
+    let memory = if facts.memory_total == 0 {
+        check(
+            Level::Warn,
+            "memory",
+            "the node's memory cannot be read",
+            "",
+        )
+    } else if room < MEMORY_FLOOR {
+        check(
+            Level::Warn,
+            "memory",
+            detail,
+            format!(
+                "give the agent at least {} (deploy/ sets limits.memory: 128Mi)",
+                format_bytes(MEMORY_FLOOR)
+            ),
+        )
+    } else {
+        check(Level::Ok, "memory", detail, "")
+    };
+    vec![kernel, memory]
+}
+
 /// The API permissions disklet needs, checked with SelfSubjectAccessReviews.
 pub const NEEDED: &[(&str, &str, &str)] = &[
     ("", "persistentvolumes", "get"),
@@ -218,4 +287,58 @@ pub fn render(checks: &[Check]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            kernel: "6.18.0".into(),
+            os: "Debian GNU/Linux 13".into(),
+            cpus: 2,
+            memory_total: 24 << 30,
+            memory_available: 20 << 30,
+            cgroup_memory_limit: Some(128 << 20),
+            uptime_seconds: 3 * 3600 + 12 * 60,
+            boot_time: 0,
+        }
+    }
+
+    #[test]
+    fn node_facts_read_as_an_admin_would() {
+        let out = render(&node(&facts()));
+        assert!(
+            out.contains("OK    kernel  6.18.0 (Debian GNU/Linux 13), 2 CPUs, up 3 h 12 min"),
+            "{out}"
+        );
+        assert!(
+            out.contains("OK    memory  24.0 GiB total, 20.0 GiB available, the agent's cgroup limit 128.0 MiB"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_tight_memory_limit_is_a_warning_with_the_fix() {
+        let tight = NodeFacts {
+            cgroup_memory_limit: Some(32 << 20),
+            ..facts()
+        };
+        let checks = node(&tight);
+        assert_eq!(checks[1].level, Level::Warn);
+        assert!(
+            checks[1].fix.contains("at least 64.0 MiB"),
+            "{:?}",
+            checks[1]
+        );
+        let starved = NodeFacts {
+            cgroup_memory_limit: None,
+            memory_available: 10 << 20,
+            ..facts()
+        };
+        assert_eq!(node(&starved)[1].level, Level::Warn);
+        let unknown = NodeFacts::default();
+        assert!(node(&unknown).iter().all(|c| c.level == Level::Warn));
+    }
 }

@@ -153,7 +153,8 @@ fn main() -> ExitCode {
 
 fn run_doctor(cfg: &Config, node: Option<&str>, no_api: bool) -> ExitCode {
     use disklet::doctor::{self, Level};
-    let mut checks = doctor::tools();
+    let mut checks = doctor::node(&disklet::host::system::SystemProbe::default().node());
+    checks.extend(doctor::tools());
     checks.extend(doctor::host(cfg, &disklet::host::udevdb::UdevDb::default()));
     if !no_api {
         let api = tokio::runtime::Builder::new_current_thread()

@@ -1,9 +1,15 @@
 //! Prometheus metrics. One registry per agent; every metric is documented in
 //! the README's Observe section.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use crate::host::system::SystemProbe;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -35,6 +41,101 @@ pub struct CallLabels {
     pub result: String,
 }
 
+/// The agent's process (`process_*`, the names every Prometheus client
+/// library serves) and the node (`disklet_node_*`), read at each scrape.
+#[derive(Debug, Default)]
+struct SystemCollector {
+    probe: SystemProbe,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeInfoLabels {
+    kernel_version: String,
+    os_image: String,
+}
+
+fn gauge<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for SystemCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(p) = self.probe.process() {
+            let cpu = ConstCounter::new(p.cpu_seconds);
+            let help = "Total user and system CPU time spent in seconds";
+            cpu.encode(e.encode_descriptor(
+                "process_cpu_seconds",
+                help,
+                None,
+                cpu.metric_type(),
+            )?)?;
+            let help = "Resident memory size in bytes";
+            gauge(
+                &mut e,
+                "process_resident_memory_bytes",
+                help,
+                p.resident_bytes,
+            )?;
+            let help = "Virtual memory size in bytes";
+            gauge(
+                &mut e,
+                "process_virtual_memory_bytes",
+                help,
+                p.virtual_bytes,
+            )?;
+            let help = "Start time of the process since unix epoch in seconds";
+            gauge(&mut e, "process_start_time_seconds", help, p.start_time)?;
+            if let Some(n) = p.open_fds {
+                gauge(
+                    &mut e,
+                    "process_open_fds",
+                    "Number of open file descriptors",
+                    n,
+                )?;
+            }
+            if let Some(n) = p.max_fds {
+                let help = "Maximum number of open file descriptors";
+                gauge(&mut e, "process_max_fds", help, n)?;
+            }
+        }
+        let n = self.probe.node();
+        let info = ConstGauge::new(1i64);
+        let mut family = e.encode_descriptor(
+            "disklet_node_info",
+            "The node's kernel and OS image (the agent's view), value 1",
+            None,
+            info.metric_type(),
+        )?;
+        let labels = NodeInfoLabels {
+            kernel_version: n.kernel,
+            os_image: n.os,
+        };
+        info.encode(family.encode_family(&labels)?)?;
+        let help = "The node's memory in bytes";
+        gauge(
+            &mut e,
+            "disklet_node_memory_total_bytes",
+            help,
+            n.memory_total,
+        )?;
+        let help = "The node's memory available for new allocations, in bytes";
+        gauge(
+            &mut e,
+            "disklet_node_memory_available_bytes",
+            help,
+            n.memory_available,
+        )?;
+        let help = "The node's boot time since unix epoch in seconds";
+        gauge(&mut e, "disklet_node_boot_time_seconds", help, n.boot_time)
+    }
+}
+
 /// Buckets from 10 ms to about 4.5 hours (wipes of large disks take hours).
 fn duration_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.01, 3.0, 14)
@@ -56,7 +157,8 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("disklet");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(SystemCollector::default()));
         let m = Metrics {
             devices: Family::default(),
             pvs: Family::default(),
@@ -70,49 +172,63 @@ impl Default for Metrics {
             api_calls: Family::default(),
             registry: Registry::default(),
         };
+        m.register(root.sub_registry_with_prefix("disklet"));
+        let m = Metrics {
+            registry: root,
+            ..m
+        };
+        m.zero_alert_series();
+        m
+    }
+}
+
+impl Metrics {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "devices",
             "Block devices on the node by verdict and reason",
-            m.devices.clone(),
+            self.devices.clone(),
         );
-        registry.register("pvs", "This node's PVs by phase", m.pvs.clone());
+        registry.register("pvs", "This node's PVs by phase", self.pvs.clone());
         registry.register(
             "format_duration_seconds",
             "Time to format a disk, interlocks included",
-            m.format_seconds.clone(),
+            self.format_seconds.clone(),
         );
         registry.register(
             "mount_duration_seconds",
             "Time to mount a disk",
-            m.mount_seconds.clone(),
+            self.mount_seconds.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
             "Time of one reconcile pass",
-            m.reconcile_seconds.clone(),
+            self.reconcile_seconds.clone(),
         );
         registry.register(
             "cleanup_duration_seconds",
             "Time to clean a released volume",
-            m.cleanup_seconds.clone(),
+            self.cleanup_seconds.clone(),
         );
-        registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
+        registry.register("reconciles", "Reconcile passes", self.reconciles.clone());
         registry.register(
             "reconcile_errors",
             "Failed steps by kind",
-            m.reconcile_errors.clone(),
+            self.reconcile_errors.clone(),
         );
         registry.register(
             "storageclass_missing",
             "1 while a configured StorageClass does not exist",
-            m.storageclass_missing.clone(),
+            self.storageclass_missing.clone(),
         );
         registry.register(
             "api_calls",
             "Kubernetes API calls by call and result",
-            m.api_calls.clone(),
+            self.api_calls.clone(),
         );
-        let m = Metrics { registry, ..m };
+    }
+
+    fn zero_alert_series(&self) {
         // Series that alerts watch exist from the start, at zero, rather than
         // appearing with the first failure.
         for kind in [
@@ -127,15 +243,12 @@ impl Default for Metrics {
             "cleanup-reformat",
             "cleanup-files",
         ] {
-            let _zero = m
+            let _zero = self
                 .reconcile_errors
                 .get_or_create(&KindLabels { kind: kind.into() });
         }
-        m
     }
-}
 
-impl Metrics {
     pub fn error(&self, kind: &str) {
         self.reconcile_errors
             .get_or_create(&KindLabels { kind: kind.into() })

@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::PersistentVolume;
-use support::agent::{blkid, Agent, MountSweeper};
+use support::agent::{blkid, metric_sum, proc_mem_kib, Agent, MountSweeper};
 use support::*;
 
 fn spec(pv: &PersistentVolume) -> &k8s_openapi::api::core::v1::PersistentVolumeSpec {
@@ -239,12 +239,35 @@ async fn hot_add_publishes_a_correct_pv_that_survives_kill_and_reboot() {
         "disklet_reconcile_errors",
         "disklet_storageclass_missing",
         "disklet_api_calls",
+        "disklet_node_info",
+        "disklet_node_memory_total_bytes",
+        "disklet_node_memory_available_bytes",
+        "disklet_node_boot_time_seconds",
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
     ] {
         assert!(
             metrics.contains(&format!("# HELP {family} ")),
             "{family} not exported:\n{metrics}"
         );
     }
+    // The process series are the agent's own (its VmRSS, its start), the node
+    // series the kernel's.
+    let (_, metrics) = agent.get("/metrics");
+    let (rss_kib, _) = proc_mem_kib(agent.pid());
+    let rss = metric_sum(&metrics, "process_resident_memory_bytes").unwrap();
+    assert!(
+        (rss - (rss_kib * 1024) as f64).abs() < (16u64 << 20) as f64,
+        "process_resident_memory_bytes {rss} against the agent's VmRSS {rss_kib} KiB"
+    );
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let info = format!("disklet_node_info{{kernel_version=\"{}\"", release.trim());
+    assert!(metrics.contains(&info), "{info} missing from:\n{metrics}");
+    assert!(metric_sum(&metrics, "process_cpu_seconds_total").unwrap() > 0.0);
     assert!(
         !metrics.contains("apply-pv"),
         "nothing re-applied after a restart:\n{metrics}"

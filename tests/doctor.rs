@@ -47,10 +47,19 @@ async fn doctor_names_what_is_wrong_and_how_to_fix_it() {
         "all 10 permissions granted",
         "OK    Node",
         "OK    kubelet dir",
+        "OK    memory",
     ] {
         assert!(out.contains(want), "{want:?} missing:\n{out}");
     }
     assert!(out.contains("hostDir propagation"), "{out}");
+    // The node's facts are this machine's.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        out.lines().any(
+            |l| l.starts_with("OK    kernel ") && l.contains(&format!(" {} (", release.trim()))
+        ),
+        "{out}"
+    );
     assert_eq!(code, 0, "warnings only:\n{out}");
 
     env.server.deny("delete", "persistentvolumes");

@@ -14,6 +14,7 @@ pub mod mounter;
 pub mod mountinfo;
 pub mod probe;
 pub mod sysfs;
+pub mod system;
 pub mod udevdb;
 
 use crate::model::{Device, Exclusive, MountEntry, Probe, SwapEntry};

@@ -50,17 +50,21 @@ fn ann<'a>(pv: &'a PersistentVolume, k: &str) -> Option<&'a str> {
 }
 
 /// Finds a PV's volume among what was observed.
+/// The class a PV was published for (its label), or "" when it has none.
+fn class_label(pv: &PersistentVolume) -> String {
+    pv.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CLASS))
+        .cloned()
+        .unwrap_or_default()
+}
+
 pub fn locate(pv: &PersistentVolume, input: &PlanInput<'_>) -> Located {
     let key = ann(pv, ANN_KEY).unwrap_or_default();
     let device_id = ann(pv, ANN_DEVICE_ID);
     if let Some(uuid) = key.strip_prefix("fs:") {
-        let class = pv
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_CLASS))
-            .cloned()
-            .unwrap_or_default();
+        let class = class_label(pv);
         return locate_fs(input, &class, uuid, device_id);
     }
     if key.starts_with("dev:") {
@@ -532,13 +536,7 @@ fn release(v: &PvView<'_>, target: &Target, input: &PlanInput<'_>) -> Action {
             message: format!("{name} is Released but still mounted by kubelet at {}; not cleaning it until the pod lets go", u.display()),
         };
     }
-    let class = pv
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_CLASS))
-        .cloned()
-        .unwrap_or_default();
+    let class = class_label(pv);
     let configured = input
         .classes
         .classes
