@@ -12,6 +12,7 @@ pub mod fssize;
 pub mod intents;
 pub mod mounter;
 pub mod mountinfo;
+pub mod pool;
 pub mod probe;
 pub mod sysfs;
 pub mod system;

@@ -1,0 +1,584 @@
+//! Pool volumes, the backend of the CSI mode (DESIGN.md, "The CSI pool
+//! backend", says why this one): a pool is a disklet-owned XFS filesystem
+//! (reflink on) on a disk the pool class took under every safety rule; each
+//! volume is one file in it.
+//!
+//! - A volume is created fully allocated (`fallocate`): its space is
+//!   reserved, so capacity is what the filesystem says is free and a tenant
+//!   never meets ENOSPC, and its extents are *unwritten*: XFS reads them as
+//!   zeroes, never as the blocks' previous contents.
+//! - It is attached as a loop device with direct I/O (`losetup`), found again
+//!   after a restart by its backing file in sysfs.
+//! - Snapshots and clones are reflink copies (`FICLONE`): O(1), sharing
+//!   extents until either side writes. What writes to shared extents may
+//!   come to need is held back from the capacity (FIEMAP's shared bytes of
+//!   each volume).
+//! - Growth: `fallocate` of the new size, then `LOOP_SET_CAPACITY`.
+//! - Deletion punches every extent out of the file, then unlinks it: the
+//!   blocks go back to the filesystem, which never hands them to another file
+//!   with their old contents.
+//!
+//! This module carries the steps out; whether a volume may be deleted or
+//! detached (a pod still using it) is decided above it.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::host::{Cmd, CmdError};
+
+mod ioctls {
+    // FICLONE = _IOW(0x94, 9, int): the argument is the source's fd.
+    nix::ioctl_write_int!(ficlone, 0x94, 9);
+    // FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap): the header is 32 bytes,
+    // followed by the extent array the caller sized.
+    nix::ioctl_readwrite_bad!(
+        fiemap,
+        nix::request_code_readwrite!(b'f', 11, 32),
+        super::FiemapBuf
+    );
+    // LOOP_SET_CAPACITY = 0x4C07: re-reads the backing file's size.
+    nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
+}
+
+/// Names of volumes and snapshots: what CSI calls them, kept to characters
+/// that are safe as one path component.
+const MAX_ID: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{id:?} is not a valid volume or snapshot name: use 1 to {MAX_ID} of a-z, 0-9, '-', '_' and '.', not starting with '.'")]
+    BadId { id: String },
+    #[error("{what} {id} already exists with size {have} (asked {want})")]
+    Exists {
+        what: &'static str,
+        id: String,
+        have: u64,
+        want: u64,
+    },
+    #[error("{what} {id} does not exist")]
+    NotFound { what: &'static str, id: String },
+    #[error("the pool has {available} bytes available, {need} asked")]
+    NoSpace { need: u64, available: u64 },
+    #[error("a volume cannot shrink: {id} is {have} bytes, {want} asked")]
+    Shrink { id: String, have: u64, want: u64 },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{id} is attached as {} and still open (mounted or mapped): not destroyed", dev.display())]
+    InUse { id: String, dev: PathBuf },
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
+    move |source| PoolError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn errno<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::errno::Errno) -> PoolError + 'a {
+    move |e| PoolError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: std::io::Error::from(e),
+    }
+}
+
+/// What the pool can give out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// The filesystem's size for data.
+    pub total: u64,
+    /// Free in the filesystem, minus what reflink copies may come to need.
+    pub available: u64,
+    /// The sizes of the volumes and snapshots.
+    pub provisioned: u64,
+}
+
+/// A volume or snapshot file and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    pub size: u64,
+    pub path: PathBuf,
+}
+
+/// Where a new volume's contents come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source<'a> {
+    Empty,
+    Volume(&'a str),
+    Snapshot(&'a str),
+}
+
+/// One pool: `<mount point>/pool/{volumes,snapshots}` on a mounted,
+/// disklet-owned XFS filesystem.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    root: PathBuf,
+}
+
+fn check_id(id: &str) -> Result<(), PoolError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(PoolError::BadId { id: id.to_string() })
+    }
+}
+
+impl Pool {
+    /// The pool on the filesystem mounted at `mount_point` (creating its
+    /// directories on first use).
+    pub fn open(mount_point: &Path) -> Result<Pool, PoolError> {
+        let root = mount_point.join("pool");
+        for d in ["volumes", "snapshots"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(io("create", &p))?;
+        }
+        Ok(Pool { root })
+    }
+
+    fn path(&self, dir: &str, id: &str) -> Result<PathBuf, PoolError> {
+        check_id(id)?;
+        Ok(self.root.join(dir).join(id))
+    }
+
+    pub fn volume_path(&self, id: &str) -> Result<PathBuf, PoolError> {
+        self.path("volumes", id)
+    }
+
+    fn entries(&self, dir: &str) -> Result<Vec<Entry>, PoolError> {
+        let d = self.root.join(dir);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&d).map_err(io("read", &d))? {
+            let e = e.map_err(io("read", &d))?;
+            let meta = e.metadata().map_err(io("stat", &e.path()))?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            // Temporaries of an interrupted create start with '.'.
+            if meta.is_file() && check_id(&id).is_ok() {
+                out.push(Entry {
+                    id,
+                    size: meta.len(),
+                    path: e.path(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub fn volumes(&self) -> Result<Vec<Entry>, PoolError> {
+        self.entries("volumes")
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<Entry>, PoolError> {
+        self.entries("snapshots")
+    }
+
+    fn find(&self, dir: &'static str, id: &str) -> Result<Option<Entry>, PoolError> {
+        let path = self.path(dir, id)?;
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(Some(Entry {
+                id: id.to_string(),
+                size: m.len(),
+                path,
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("stat", &path)(e)),
+        }
+    }
+
+    pub fn volume(&self, id: &str) -> Result<Option<Entry>, PoolError> {
+        self.find("volumes", id)
+    }
+
+    pub fn snapshot(&self, id: &str) -> Result<Option<Entry>, PoolError> {
+        self.find("snapshots", id)
+    }
+
+    /// Total, provisioned and available space. Volumes are fully
+    /// allocated, so the filesystem's free space is what is left, less what
+    /// writes to shared extents (a volume with a snapshot, a clone) may come
+    /// to need: each volume's shared bytes, read with FIEMAP. Snapshots are
+    /// never written, so they need nothing more.
+    pub fn capacity(&self) -> Result<Capacity, PoolError> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(errno("statvfs", &self.root))?;
+        let frag = st.fragment_size() as u64;
+        let total = st.blocks() as u64 * frag;
+        let free = st.blocks_available() as u64 * frag;
+        let mut provisioned = 0;
+        let mut shared = 0;
+        for e in self.volumes()? {
+            provisioned += e.size;
+            shared += shared_bytes(&e.path)?;
+        }
+        for e in self.snapshots()? {
+            provisioned += e.size;
+        }
+        Ok(Capacity {
+            total,
+            available: free.saturating_sub(shared),
+            provisioned,
+        })
+    }
+
+    /// Creates volume `id` of `size` bytes from `source`. Idempotent: a
+    /// volume of that name and size is returned as it is.
+    pub fn create_volume(
+        &self,
+        id: &str,
+        size: u64,
+        source: Source<'_>,
+    ) -> Result<Entry, PoolError> {
+        if let Some(e) = self.volume(id)? {
+            return same_size("volume", e, size);
+        }
+        let from = match source {
+            Source::Empty => None,
+            Source::Volume(v) => Some(self.volume(v)?.ok_or(PoolError::NotFound {
+                what: "volume",
+                id: v.to_string(),
+            })?),
+            Source::Snapshot(s) => Some(self.snapshot(s)?.ok_or(PoolError::NotFound {
+                what: "snapshot",
+                id: s.to_string(),
+            })?),
+        };
+        // New: allocated now. A copy: shares its extents, and may come to
+        // need its size as they are written.
+        let need = size;
+        let available = self.capacity()?.available;
+        if need > available {
+            return Err(PoolError::NoSpace { need, available });
+        }
+        let path = self.volume_path(id)?;
+        match from {
+            None => self.make(&path, |f, p| allocate(f, p, 0, size)),
+            // Reflink shares the written extents only; the rest (the
+            // source's holes and unwritten extents, any growth) is
+            // allocated here, so the copy is fully allocated like any
+            // volume and its first write to those ranges reads zeroes.
+            Some(src) => self.make(&path, |f, p| {
+                reflink(&src.path, f, p)?;
+                allocate(f, p, 0, size)
+            }),
+        }?;
+        self.volume(id)?.ok_or(PoolError::NotFound {
+            what: "volume",
+            id: id.to_string(),
+        })
+    }
+
+    /// Snapshot `id` of volume `volume`: a reflink copy. Idempotent for the
+    /// same name and volume size.
+    pub fn create_snapshot(&self, id: &str, volume: &str) -> Result<Entry, PoolError> {
+        let src = self.volume(volume)?.ok_or(PoolError::NotFound {
+            what: "volume",
+            id: volume.to_string(),
+        })?;
+        if let Some(e) = self.snapshot(id)? {
+            return same_size("snapshot", e, src.size);
+        }
+        let available = self.capacity()?.available;
+        if src.size > available {
+            return Err(PoolError::NoSpace {
+                need: src.size,
+                available,
+            });
+        }
+        let path = self.path("snapshots", id)?;
+        self.make(&path, |f, p| reflink(&src.path, f, p))?;
+        self.snapshot(id)?.ok_or(PoolError::NotFound {
+            what: "snapshot",
+            id: id.to_string(),
+        })
+    }
+
+    /// Writes the file under a temporary name, syncs it, then renames it
+    /// into place: a crash leaves either nothing or a whole file.
+    fn make(
+        &self,
+        path: &Path,
+        fill: impl FnOnce(&File, &Path) -> Result<(), PoolError>,
+    ) -> Result<(), PoolError> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let tmp = path.with_file_name(format!(".{}.new", name.unwrap_or_default()));
+        let _ = std::fs::remove_file(&tmp);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        let done = fill(&f, &tmp).and_then(|()| f.sync_all().map_err(io("sync", &tmp)));
+        if let Err(e) = done {
+            let _ = destroy(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, path).map_err(io("rename", &tmp))
+    }
+
+    /// Grows volume `id` to `size` (a no-op at its size or an equal one);
+    /// an attached loop device is told at once.
+    pub fn expand_volume(&self, id: &str, size: u64) -> Result<Entry, PoolError> {
+        let e = self.volume(id)?.ok_or(PoolError::NotFound {
+            what: "volume",
+            id: id.to_string(),
+        })?;
+        if size < e.size {
+            return Err(PoolError::Shrink {
+                id: id.to_string(),
+                have: e.size,
+                want: size,
+            });
+        }
+        if size > e.size {
+            let available = self.capacity()?.available;
+            if size - e.size > available {
+                return Err(PoolError::NoSpace {
+                    need: size - e.size,
+                    available,
+                });
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&e.path)
+                .map_err(io("open", &e.path))?;
+            allocate(&f, &e.path, e.size, size - e.size)?;
+            f.sync_all().map_err(io("sync", &e.path))?;
+            if let Some(dev) = attached(&e.path) {
+                set_capacity(&dev)?;
+            }
+        }
+        self.volume(id)?.ok_or(PoolError::NotFound {
+            what: "volume",
+            id: id.to_string(),
+        })
+    }
+
+    /// Destroys volume `id` (idempotent: a missing one is done). An attached
+    /// loop device is detached first, unless anything holds it open.
+    pub fn delete_volume(&self, id: &str) -> Result<(), PoolError> {
+        self.delete("volumes", id)
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), PoolError> {
+        self.delete("snapshots", id)
+    }
+
+    fn delete(&self, dir: &'static str, id: &str) -> Result<(), PoolError> {
+        let Some(e) = self.find(dir, id)? else {
+            return Ok(());
+        };
+        if let Some(dev) = attached(&e.path) {
+            // The kernel's answer, right before the step: a loop device
+            // anything holds open is never detached under it.
+            if in_use(&dev) {
+                return Err(PoolError::InUse {
+                    id: id.to_string(),
+                    dev,
+                });
+            }
+            detach(&dev)?;
+        }
+        destroy(&e.path)
+    }
+}
+
+fn same_size(what: &'static str, e: Entry, want: u64) -> Result<Entry, PoolError> {
+    if e.size == want {
+        Ok(e)
+    } else {
+        Err(PoolError::Exists {
+            what,
+            id: e.id,
+            have: e.size,
+            want,
+        })
+    }
+}
+
+/// `struct fiemap` with room for `EXTENTS` extents (linux/fiemap.h).
+#[repr(C)]
+pub(crate) struct FiemapBuf {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+    extents: [FiemapExtent; EXTENTS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+const EXTENTS: usize = 128;
+const FIEMAP_FLAG_SYNC: u32 = 0x1;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+
+/// The bytes of the file in extents it shares with another file.
+fn shared_bytes(path: &Path) -> Result<u64, PoolError> {
+    let f = File::open(path).map_err(io("open", path))?;
+    let mut buf = Box::new(FiemapBuf {
+        start: 0,
+        length: u64::MAX,
+        flags: FIEMAP_FLAG_SYNC,
+        mapped_extents: 0,
+        extent_count: EXTENTS as u32,
+        reserved: 0,
+        extents: [FiemapExtent::default(); EXTENTS],
+    });
+    let mut shared = 0;
+    loop {
+        // SAFETY: the fd is open; `buf` is a live, properly laid out
+        // `struct fiemap` whose extent_count matches the array behind it.
+        unsafe { ioctls::fiemap(f.as_raw_fd(), &mut *buf) }.map_err(errno("FIEMAP", path))?;
+        let n = (buf.mapped_extents as usize).min(EXTENTS);
+        if n == 0 {
+            return Ok(shared);
+        }
+        let mut last = false;
+        let mut next = buf.start;
+        for e in &buf.extents[..n] {
+            if e.flags & FIEMAP_EXTENT_SHARED != 0 {
+                shared += e.length;
+            }
+            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
+            next = e.logical + e.length;
+        }
+        if last {
+            return Ok(shared);
+        }
+        buf.start = next;
+        buf.length = u64::MAX - next;
+        buf.mapped_extents = 0;
+    }
+}
+
+/// Reserves `len` bytes from `offset` as unwritten extents (they read as
+/// zeroes) and extends the file to cover them.
+fn allocate(f: &File, path: &Path, offset: u64, len: u64) -> Result<(), PoolError> {
+    let off = i64::try_from(offset).map_err(|e| io("allocate", path)(std::io::Error::other(e)))?;
+    let len = i64::try_from(len).map_err(|e| io("allocate", path)(std::io::Error::other(e)))?;
+    fallocate(f, FallocateFlags::empty(), off, len).map_err(|e| match e {
+        nix::errno::Errno::ENOSPC => PoolError::NoSpace {
+            need: len as u64,
+            available: 0,
+        },
+        e => errno("allocate", path)(e),
+    })
+}
+
+/// Makes `dst` share every extent of `src` (O(1) on XFS with reflink).
+fn reflink(src: &Path, dst: &File, dst_path: &Path) -> Result<(), PoolError> {
+    let s = File::open(src).map_err(io("open", src))?;
+    // SAFETY: both fds are open for the duration of the call; FICLONE takes
+    // the source fd by value and touches no memory of ours.
+    unsafe { ioctls::ficlone(dst.as_raw_fd(), s.as_raw_fd() as _) }
+        .map_err(errno("reflink (FICLONE) into", dst_path))?;
+    Ok(())
+}
+
+/// Punches every extent out of the file, then unlinks it.
+fn destroy(path: &Path) -> Result<(), PoolError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io("open", path))?;
+    let len = f.metadata().map_err(io("stat", path))?.len();
+    if len > 0 {
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let l = i64::try_from(len).map_err(|e| io("punch", path)(std::io::Error::other(e)))?;
+        fallocate(&f, flags, 0, l).map_err(errno("punch", path))?;
+        f.sync_all().map_err(io("sync", path))?;
+    }
+    drop(f);
+    std::fs::remove_file(path).map_err(io("unlink", path))
+}
+
+/// The loop device `file` is attached to, by the kernel's record of each
+/// loop device's backing file.
+pub fn attached(file: &Path) -> Option<PathBuf> {
+    let want = std::fs::canonicalize(file).ok()?;
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("loop"))
+        .collect();
+    names.sort();
+    names.into_iter().find_map(|n| {
+        let backing = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")).ok()?;
+        (Path::new(backing.trim_end_matches('\n')) == want)
+            .then(|| PathBuf::from(format!("/dev/{n}")))
+    })
+}
+
+/// Attaches `file` as a loop device with direct I/O, or returns the one it
+/// is already attached to (after a restart, say).
+pub fn attach(file: &Path) -> Result<PathBuf, PoolError> {
+    if let Some(dev) = attached(file) {
+        return Ok(dev);
+    }
+    let out = Cmd::new("losetup")
+        .arg("--find")
+        .arg("--show")
+        .arg("--direct-io=on")
+        .arg("--nooverlap")
+        .arg(file.as_os_str())
+        .output()?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+pub fn detach(dev: &Path) -> Result<(), PoolError> {
+    Cmd::new("losetup")
+        .arg("--detach")
+        .arg(dev.as_os_str())
+        .output()?;
+    Ok(())
+}
+
+/// Tells an attached loop device its backing file's new size.
+pub fn set_capacity(dev: &Path) -> Result<(), PoolError> {
+    let f = File::open(dev).map_err(io("open", dev))?;
+    // SAFETY: the fd is open for the call; LOOP_SET_CAPACITY takes no
+    // argument.
+    unsafe { ioctls::loop_set_capacity(f.as_raw_fd()) }.map_err(errno("LOOP_SET_CAPACITY", dev))?;
+    Ok(())
+}
+
+/// Whether the loop device is open by anyone (a mount, kubelet's mapping, a
+/// process): the kernel's own answer, an `O_EXCL` open.
+pub fn in_use(dev: &Path) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(dev)
+        .is_err()
+}
