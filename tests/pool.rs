@@ -312,9 +312,28 @@ fn a_volume_in_use_is_never_destroyed() {
     assert_eq!(pool::attached(&v.path).as_deref(), Some(dev.as_path()));
     assert_eq!(differs(&dev, 0, mib, b'E'), None, "nothing destroyed");
     drop(holder);
+    // A plain open (a process with the block device open, as a pod's Block
+    // volume is) is not exclusive, yet the volume is still not destroyed.
+    let plain = File::open(&dev).unwrap();
+    let err = t.pool.delete_volume("vol").unwrap_err();
+    assert!(matches!(err, PoolError::InUse { .. }), "{err}");
+    assert!(
+        v.path.exists(),
+        "the file is whole while its device is open"
+    );
+    assert_eq!(differs(&dev, 0, mib, b'E'), None, "nothing destroyed");
+    drop(plain);
+    // The last close detached it (the kernel's autoclear): now it goes.
     t.pool.delete_volume("vol").unwrap();
     assert!(t.pool.volumes().unwrap().is_empty());
+    assert!(pool::attached(&v.path).is_none());
     t.pool.delete_volume("vol").unwrap();
+    // A symlink planted in the pool is never followed nor deleted through.
+    let victim = t.mount.join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    std::os::unix::fs::symlink(&victim, t.mount.join("pool/volumes/planted")).unwrap();
+    assert!(t.pool.delete_volume("planted").is_err());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
 }
 
 #[test]

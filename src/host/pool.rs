@@ -71,7 +71,7 @@ pub enum PoolError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{id} is attached as {} and still open (mounted or mapped): not destroyed", dev.display())]
+    #[error("{id} is attached as {} and still open (mounted, mapped or held by a process): not destroyed", dev.display())]
     InUse { id: String, dev: PathBuf },
     #[error(transparent)]
     Cmd(#[from] CmdError),
@@ -192,7 +192,10 @@ impl Pool {
 
     fn find(&self, dir: &'static str, id: &str) -> Result<Option<Entry>, PoolError> {
         let path = self.path(dir, id)?;
-        match std::fs::metadata(&path) {
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if !m.is_file() => Err(io("open", &path)(std::io::Error::other(
+                "not a regular file: the pool holds only disklet's own files",
+            ))),
             Ok(m) => Ok(Some(Entry {
                 id: id.to_string(),
                 size: m.len(),
@@ -396,6 +399,15 @@ impl Pool {
                 });
             }
             detach(&dev)?;
+            // The kernel detaches a loop device anything still has open
+            // only when the last user closes it (autoclear): until then the
+            // file is in use, and stays whole.
+            if attached(&e.path).is_some() {
+                return Err(PoolError::InUse {
+                    id: id.to_string(),
+                    dev,
+                });
+            }
         }
         destroy(&e.path)
     }
@@ -509,6 +521,7 @@ fn reflink(src: &Path, dst: &File, dst_path: &Path) -> Result<(), PoolError> {
 fn destroy(path: &Path) -> Result<(), PoolError> {
     let f = OpenOptions::new()
         .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
         .map_err(io("open", path))?;
     let len = f.metadata().map_err(io("stat", path))?.len();
