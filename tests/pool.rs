@@ -1,4 +1,4 @@
-//! Root tests of the pool backend (src/host/pool.rs) on a real XFS pool on a
+//! Root tests of the pool backend (src/host/pool/) on a real XFS pool on a
 //! loop device of the test's own: what a tenant could check. A new volume
 //! reads zeroes where a deleted one wrote; a snapshot and a clone hold the
 //! data of their moment; a volume grows online; one in use is never
@@ -50,6 +50,18 @@ impl TestPool {
             _disk: disk,
             _dir: dir,
         })
+    }
+}
+
+impl TestPool {
+    /// A new empty volume of `mib` MiB, attached: (its file, its device).
+    fn attached_volume(&self, id: &str, mib: u64) -> (disklet::host::pool::Entry, PathBuf) {
+        let v = self
+            .pool
+            .create_volume(id, mib << 20, Source::Empty)
+            .unwrap();
+        let dev = pool::attach(&v.path).unwrap();
+        (v, dev)
     }
 }
 
@@ -181,11 +193,7 @@ fn a_snapshot_and_a_clone_hold_the_data_of_their_moment() {
         return;
     };
     let mib = 1u64 << 20;
-    let v = t
-        .pool
-        .create_volume("vol", 64 * mib, Source::Empty)
-        .unwrap();
-    let dev = pool::attach(&v.path).unwrap();
+    let (_, dev) = t.attached_volume("vol", 64);
     fill(&dev, 0, 16 * mib, b'A');
     let near = |a: u64, b: u64| a.abs_diff(b) <= mib;
     let c0 = t.pool.capacity().unwrap().available;
@@ -258,11 +266,7 @@ fn a_volume_grows_online_and_never_shrinks() {
         return;
     };
     let mib = 1u64 << 20;
-    let v = t
-        .pool
-        .create_volume("vol", 32 * mib, Source::Empty)
-        .unwrap();
-    let dev = pool::attach(&v.path).unwrap();
+    let (_, dev) = t.attached_volume("vol", 32);
     fill(&dev, 0, 32 * mib, b'D');
     // Held open, as a mounted filesystem would hold it.
     let _held = File::open(&dev).unwrap();
@@ -295,11 +299,7 @@ fn a_volume_in_use_is_never_destroyed() {
         return;
     };
     let mib = 1u64 << 20;
-    let v = t
-        .pool
-        .create_volume("vol", 32 * mib, Source::Empty)
-        .unwrap();
-    let dev = pool::attach(&v.path).unwrap();
+    let (v, dev) = t.attached_volume("vol", 32);
     fill(&dev, 0, mib, b'E');
     let holder = OpenOptions::new()
         .read(true)
@@ -342,11 +342,7 @@ fn a_restarted_agent_finds_volumes_and_attachments() {
         return;
     };
     let mib = 1u64 << 20;
-    let v = t
-        .pool
-        .create_volume("vol-1", 16 * mib, Source::Empty)
-        .unwrap();
-    let dev = pool::attach(&v.path).unwrap();
+    let (v, dev) = t.attached_volume("vol-1", 16);
     // Idempotent: the same name and size is the same volume.
     let again = t
         .pool

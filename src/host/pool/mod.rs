@@ -30,16 +30,12 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::host::{Cmd, CmdError};
 
+mod fiemap;
+use fiemap::shared_bytes;
+
 mod ioctls {
     // FICLONE = _IOW(0x94, 9, int): the argument is the source's fd.
     nix::ioctl_write_int!(ficlone, 0x94, 9);
-    // FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap): the header is 32 bytes,
-    // followed by the extent array the caller sized.
-    nix::ioctl_readwrite_bad!(
-        fiemap,
-        nix::request_code_readwrite!(b'f', 11, 32),
-        super::FiemapBuf
-    );
     // LOOP_SET_CAPACITY = 0x4C07: re-reads the backing file's size.
     nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
 }
@@ -334,7 +330,8 @@ impl Pool {
             let _ = destroy(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, path).map_err(io("rename", &tmp))
+        std::fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
+        sync_dir(path)
     }
 
     /// Grows volume `id` to `size` (a no-op at its size or an equal one);
@@ -426,73 +423,6 @@ fn same_size(what: &'static str, e: Entry, want: u64) -> Result<Entry, PoolError
     }
 }
 
-/// `struct fiemap` with room for `EXTENTS` extents (linux/fiemap.h).
-#[repr(C)]
-pub(crate) struct FiemapBuf {
-    start: u64,
-    length: u64,
-    flags: u32,
-    mapped_extents: u32,
-    extent_count: u32,
-    reserved: u32,
-    extents: [FiemapExtent; EXTENTS],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct FiemapExtent {
-    logical: u64,
-    physical: u64,
-    length: u64,
-    reserved64: [u64; 2],
-    flags: u32,
-    reserved: [u32; 3],
-}
-
-const EXTENTS: usize = 128;
-const FIEMAP_FLAG_SYNC: u32 = 0x1;
-const FIEMAP_EXTENT_LAST: u32 = 0x1;
-const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
-
-/// The bytes of the file in extents it shares with another file.
-fn shared_bytes(path: &Path) -> Result<u64, PoolError> {
-    let f = File::open(path).map_err(io("open", path))?;
-    let mut buf = Box::new(FiemapBuf {
-        start: 0,
-        length: u64::MAX,
-        flags: FIEMAP_FLAG_SYNC,
-        mapped_extents: 0,
-        extent_count: EXTENTS as u32,
-        reserved: 0,
-        extents: [FiemapExtent::default(); EXTENTS],
-    });
-    let mut shared = 0;
-    loop {
-        // SAFETY: the fd is open; `buf` is a live, properly laid out
-        // `struct fiemap` whose extent_count matches the array behind it.
-        unsafe { ioctls::fiemap(f.as_raw_fd(), &mut *buf) }.map_err(errno("FIEMAP", path))?;
-        let n = (buf.mapped_extents as usize).min(EXTENTS);
-        if n == 0 {
-            return Ok(shared);
-        }
-        let mut last = false;
-        let mut next = buf.start;
-        for e in &buf.extents[..n] {
-            if e.flags & FIEMAP_EXTENT_SHARED != 0 {
-                shared += e.length;
-            }
-            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
-            next = e.logical + e.length;
-        }
-        if last {
-            return Ok(shared);
-        }
-        buf.start = next;
-        buf.length = u64::MAX - next;
-        buf.mapped_extents = 0;
-    }
-}
-
 /// Reserves `len` bytes from `offset` as unwritten extents (they read as
 /// zeroes) and extends the file to cover them.
 fn allocate(f: &File, path: &Path, offset: u64, len: u64) -> Result<(), PoolError> {
@@ -532,7 +462,17 @@ fn destroy(path: &Path) -> Result<(), PoolError> {
         f.sync_all().map_err(io("sync", path))?;
     }
     drop(f);
-    std::fs::remove_file(path).map_err(io("unlink", path))
+    std::fs::remove_file(path).map_err(io("unlink", path))?;
+    sync_dir(path)
+}
+
+/// Makes a rename or unlink in `path`'s directory durable (a reboot right
+/// after it must not bring back the old name).
+fn sync_dir(path: &Path) -> Result<(), PoolError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync", dir))
 }
 
 /// The loop device `file` is attached to, by the kernel's record of each
