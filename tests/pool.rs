@@ -17,6 +17,8 @@ use std::process::Command;
 use disklet::host::pool::{self, Pool, PoolError, Source};
 use support::*;
 
+const MIB: u64 = 1 << 20;
+
 /// A pool disk formatted XFS with reflink and mounted; on drop (even on
 /// panic) every loop device backed by a file in it is detached first.
 struct TestPool {
@@ -166,7 +168,7 @@ fn a_new_volume_reads_zeroes_where_a_deleted_one_wrote() {
     assert_eq!(differs(&dev, 0, size, 0xAB), None);
     let used = t.pool.capacity().unwrap();
     assert!(
-        used.available + size <= before.available + (1 << 20),
+        used.available + size <= before.available + MIB,
         "{used:?} after {size} of {before:?}"
     );
     t.pool.delete_volume("vol-a").unwrap();
@@ -174,7 +176,7 @@ fn a_new_volume_reads_zeroes_where_a_deleted_one_wrote() {
     assert!(!a.path.exists());
     let after = t.pool.capacity().unwrap();
     assert!(
-        after.available + (1 << 20) >= before.available,
+        after.available + MIB >= before.available,
         "space back: {after:?} against {before:?}"
     );
 
@@ -192,70 +194,69 @@ fn a_snapshot_and_a_clone_hold_the_data_of_their_moment() {
     let Some(t) = TestPool::new("pool: snapshot and clone", 400) else {
         return;
     };
-    let mib = 1u64 << 20;
     let (_, dev) = t.attached_volume("vol", 64);
-    fill(&dev, 0, 16 * mib, b'A');
-    let near = |a: u64, b: u64| a.abs_diff(b) <= mib;
+    fill(&dev, 0, 16 * MIB, b'A');
+    let near = |a: u64, b: u64| a.abs_diff(b) <= MIB;
     let c0 = t.pool.capacity().unwrap().available;
     let snap = t.pool.create_snapshot("snap-1", "vol").unwrap();
-    assert_eq!(snap.size, 64 * mib);
+    assert_eq!(snap.size, 64 * MIB);
     // What the volume may now need: its 16 MiB written and shared.
     let c1 = t.pool.capacity().unwrap().available;
     assert!(
-        near(c0 - c1, 16 * mib),
+        near(c0 - c1, 16 * MIB),
         "after the snapshot {c1}, before {c0}"
     );
     // Written after the snapshot: over shared extents, so it costs what was
     // held back, nothing more.
-    fill(&dev, 0, 8 * mib, b'B');
+    fill(&dev, 0, 8 * MIB, b'B');
     let c2 = t.pool.capacity().unwrap().available;
     assert!(near(c1, c2), "writing over shared extents: {c1} → {c2}");
     let from_snap = t
         .pool
-        .create_volume("restored", 64 * mib, Source::Snapshot("snap-1"))
+        .create_volume("restored", 64 * MIB, Source::Snapshot("snap-1"))
         .unwrap();
     let c3 = t.pool.capacity().unwrap().available;
     assert!(
-        near(c2 - c3, 64 * mib),
+        near(c2 - c3, 64 * MIB),
         "a restored volume costs its size: {c2} → {c3}"
     );
     let from_vol = t
         .pool
-        .create_volume("clone", 96 * mib, Source::Volume("vol"))
+        .create_volume("clone", 96 * MIB, Source::Volume("vol"))
         .unwrap();
     let r = pool::attach(&from_snap.path).unwrap();
     let c = pool::attach(&from_vol.path).unwrap();
     assert_eq!(
-        differs(&r, 0, 16 * mib, b'A'),
+        differs(&r, 0, 16 * MIB, b'A'),
         None,
         "the snapshot's moment"
     );
-    assert_eq!(differs(&r, 16 * mib, 48 * mib, 0), None);
-    assert_eq!(differs(&c, 0, 8 * mib, b'B'), None, "the clone's moment");
-    assert_eq!(differs(&c, 8 * mib, 8 * mib, b'A'), None);
+    assert_eq!(differs(&r, 16 * MIB, 48 * MIB, 0), None);
+    assert_eq!(differs(&c, 0, 8 * MIB, b'B'), None, "the clone's moment");
+    assert_eq!(differs(&c, 8 * MIB, 8 * MIB, b'A'), None);
     assert_eq!(
         dev_size(&c),
-        96 * mib,
+        96 * MIB,
         "a clone may be larger than its source"
     );
-    assert_eq!(differs(&c, 64 * mib, 32 * mib, 0), None);
+    assert_eq!(differs(&c, 64 * MIB, 32 * MIB, 0), None);
     // Writes to the clone reach neither the volume nor the snapshot.
-    fill(&c, 0, mib, b'C');
-    assert_eq!(differs(&dev, 0, mib, b'B'), None);
-    assert_eq!(differs(&r, 0, mib, b'A'), None);
+    fill(&c, 0, MIB, b'C');
+    assert_eq!(differs(&dev, 0, MIB, b'B'), None);
+    assert_eq!(differs(&r, 0, MIB, b'A'), None);
     // The source deleted: the snapshot still holds its data.
     drop(File::open(&dev).unwrap());
     t.pool.delete_volume("vol").unwrap();
     let again = t
         .pool
-        .create_volume("restored-2", 64 * mib, Source::Snapshot("snap-1"))
+        .create_volume("restored-2", 64 * MIB, Source::Snapshot("snap-1"))
         .unwrap();
     let r2 = pool::attach(&again.path).unwrap();
-    assert_eq!(differs(&r2, 0, 16 * mib, b'A'), None);
+    assert_eq!(differs(&r2, 0, 16 * MIB, b'A'), None);
     t.pool.delete_snapshot("snap-1").unwrap();
     assert!(t.pool.snapshots().unwrap().is_empty());
     assert!(matches!(
-        t.pool.create_volume("x", mib, Source::Snapshot("snap-1")),
+        t.pool.create_volume("x", MIB, Source::Snapshot("snap-1")),
         Err(PoolError::NotFound { .. })
     ));
 }
@@ -265,31 +266,30 @@ fn a_volume_grows_online_and_never_shrinks() {
     let Some(t) = TestPool::new("pool: online expansion", 400) else {
         return;
     };
-    let mib = 1u64 << 20;
     let (_, dev) = t.attached_volume("vol", 32);
-    fill(&dev, 0, 32 * mib, b'D');
+    fill(&dev, 0, 32 * MIB, b'D');
     // Held open, as a mounted filesystem would hold it.
     let _held = File::open(&dev).unwrap();
-    let grown = t.pool.expand_volume("vol", 80 * mib).unwrap();
-    assert_eq!(grown.size, 80 * mib);
+    let grown = t.pool.expand_volume("vol", 80 * MIB).unwrap();
+    assert_eq!(grown.size, 80 * MIB);
     assert_eq!(
         dev_size(&dev),
-        80 * mib,
+        80 * MIB,
         "the attached device sees it at once"
     );
-    assert_eq!(differs(&dev, 0, 32 * mib, b'D'), None, "data kept");
+    assert_eq!(differs(&dev, 0, 32 * MIB, b'D'), None, "data kept");
     assert_eq!(
-        differs(&dev, 32 * mib, 48 * mib, 0),
+        differs(&dev, 32 * MIB, 48 * MIB, 0),
         None,
         "the new space reads zeroes"
     );
     assert!(matches!(
-        t.pool.expand_volume("vol", 16 * mib),
+        t.pool.expand_volume("vol", 16 * MIB),
         Err(PoolError::Shrink { .. })
     ));
     assert_eq!(
-        t.pool.expand_volume("vol", 80 * mib).unwrap().size,
-        80 * mib
+        t.pool.expand_volume("vol", 80 * MIB).unwrap().size,
+        80 * MIB
     );
 }
 
@@ -298,9 +298,8 @@ fn a_volume_in_use_is_never_destroyed() {
     let Some(t) = TestPool::new("pool: in-use volume kept", 400) else {
         return;
     };
-    let mib = 1u64 << 20;
     let (v, dev) = t.attached_volume("vol", 32);
-    fill(&dev, 0, mib, b'E');
+    fill(&dev, 0, MIB, b'E');
     let holder = OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_EXCL)
@@ -310,7 +309,7 @@ fn a_volume_in_use_is_never_destroyed() {
     assert!(matches!(err, PoolError::InUse { .. }), "{err}");
     assert!(err.to_string().contains("still open"), "{err}");
     assert_eq!(pool::attached(&v.path).as_deref(), Some(dev.as_path()));
-    assert_eq!(differs(&dev, 0, mib, b'E'), None, "nothing destroyed");
+    assert_eq!(differs(&dev, 0, MIB, b'E'), None, "nothing destroyed");
     drop(holder);
     // A plain open (a process with the block device open, as a pod's Block
     // volume is) is not exclusive, yet the volume is still not destroyed.
@@ -321,7 +320,7 @@ fn a_volume_in_use_is_never_destroyed() {
         v.path.exists(),
         "the file is whole while its device is open"
     );
-    assert_eq!(differs(&dev, 0, mib, b'E'), None, "nothing destroyed");
+    assert_eq!(differs(&dev, 0, MIB, b'E'), None, "nothing destroyed");
     drop(plain);
     // The last close detached it (the kernel's autoclear): now it goes.
     t.pool.delete_volume("vol").unwrap();
@@ -341,17 +340,16 @@ fn a_restarted_agent_finds_volumes_and_attachments() {
     let Some(t) = TestPool::new("pool: restart", 400) else {
         return;
     };
-    let mib = 1u64 << 20;
     let (v, dev) = t.attached_volume("vol-1", 16);
     // Idempotent: the same name and size is the same volume.
     let again = t
         .pool
-        .create_volume("vol-1", 16 * mib, Source::Empty)
+        .create_volume("vol-1", 16 * MIB, Source::Empty)
         .unwrap();
     assert_eq!(again, v);
     assert!(matches!(
-        t.pool.create_volume("vol-1", 32 * mib, Source::Empty),
-        Err(PoolError::Exists { have, want, .. }) if have == 16 * mib && want == 32 * mib
+        t.pool.create_volume("vol-1", 32 * MIB, Source::Empty),
+        Err(PoolError::Exists { have, want, .. }) if have == 16 * MIB && want == 32 * MIB
     ));
     // A new Pool over the same mount (the agent restarted).
     let reopened = Pool::open(&t.mount).unwrap();
@@ -373,22 +371,21 @@ fn capacity_runs_out_and_comes_back() {
     let Some(t) = TestPool::new("pool: capacity", 400) else {
         return;
     };
-    let mib = 1u64 << 20;
     let start = t.pool.capacity().unwrap();
     assert!(
-        start.total > 300 * mib && start.available <= start.total,
+        start.total > 300 * MIB && start.available <= start.total,
         "{start:?}"
     );
     let mut made = 0;
     loop {
         match t
             .pool
-            .create_volume(&format!("v{made}"), 50 * mib, Source::Empty)
+            .create_volume(&format!("v{made}"), 50 * MIB, Source::Empty)
         {
             Ok(_) => made += 1,
             Err(PoolError::NoSpace { need, available }) => {
-                assert_eq!(need, 50 * mib);
-                assert!(available < 50 * mib, "refused with {available} available");
+                assert_eq!(need, 50 * MIB);
+                assert!(available < 50 * MIB, "refused with {available} available");
                 break;
             }
             Err(e) => panic!("{e}"),
@@ -397,15 +394,15 @@ fn capacity_runs_out_and_comes_back() {
     }
     // All the space was given out (a file's own metadata may cost one).
     assert!(
-        made + 1 >= start.available / (50 * mib),
+        made + 1 >= start.available / (50 * MIB),
         "{made} volumes of {start:?}"
     );
     let full = t.pool.capacity().unwrap();
-    assert_eq!(full.provisioned, made * 50 * mib);
+    assert_eq!(full.provisioned, made * 50 * MIB);
     assert!(t.pool.volumes().unwrap().len() as u64 == made);
     t.pool.delete_volume("v0").unwrap();
     t.pool
-        .create_volume("again", 50 * mib, Source::Empty)
+        .create_volume("again", 50 * MIB, Source::Empty)
         .unwrap();
 }
 
@@ -422,10 +419,7 @@ fn bad_names_touch_nothing() {
         "UPPER",
         "x".repeat(129).as_str(),
     ] {
-        let err = t
-            .pool
-            .create_volume(id, 1 << 20, Source::Empty)
-            .unwrap_err();
+        let err = t.pool.create_volume(id, MIB, Source::Empty).unwrap_err();
         assert!(matches!(err, PoolError::BadId { .. }), "{id:?}: {err}");
         assert!(err
             .to_string()

@@ -244,6 +244,7 @@ fn default_types() -> Vec<DeviceKind> {
 /// a negative number is refused in serde's words (`invalid type: string "60",
 /// expected a whole number`), whatever the decoder would coerce.
 fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    const TOO_BIG: Unexpected<'static> = Unexpected::Other("a number over 18446744073709551615");
     struct Whole;
     impl serde::de::Visitor<'_> for Whole {
         type Value = u64;
@@ -257,19 +258,11 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error>
             u64::try_from(n).map_err(|_| E::invalid_type(Unexpected::Signed(n), &self))
         }
         fn visit_u128<E: serde::de::Error>(self, n: u128) -> Result<u64, E> {
-            u64::try_from(n).map_err(|_| {
-                E::invalid_value(
-                    Unexpected::Other("a number over 18446744073709551615"),
-                    &self,
-                )
-            })
+            u64::try_from(n).map_err(|_| E::invalid_value(TOO_BIG, &self))
         }
         fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<u64, E> {
             if n.fract() == 0.0 && n >= u64::MAX as f64 {
-                Err(E::invalid_value(
-                    Unexpected::Other("a number over 18446744073709551615"),
-                    &self,
-                ))
+                Err(E::invalid_value(TOO_BIG, &self))
             } else {
                 Err(E::invalid_type(Unexpected::Float(n), &self))
             }
@@ -307,6 +300,17 @@ impl SizeVisitor {
         ))
     }
 
+    /// An integer of any width: a size when it fits in bytes.
+    fn bytes<E, N>(n: N) -> Result<Option<Quantity>, E>
+    where
+        E: serde::de::Error,
+        N: TryInto<u64> + Copy + std::fmt::Display,
+    {
+        n.try_into()
+            .map(|b| Some(Quantity(b)))
+            .map_err(|_| Self::not_whole(n))
+    }
+
     fn not_a_size<E: serde::de::Error>(kind: &str) -> E {
         E::custom(format!("invalid size: {kind} ({SIZE_HINT})"))
     }
@@ -331,19 +335,13 @@ impl<'de> serde::de::Visitor<'de> for SizeVisitor {
         Ok(Some(Quantity(b)))
     }
     fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
-        u64::try_from(n)
-            .map(|b| Some(Quantity(b)))
-            .map_err(|_| Self::not_whole(n))
+        Self::bytes(n)
     }
     fn visit_u128<E: serde::de::Error>(self, n: u128) -> Result<Self::Value, E> {
-        u64::try_from(n)
-            .map(|b| Some(Quantity(b)))
-            .map_err(|_| Self::not_whole(n))
+        Self::bytes(n)
     }
     fn visit_i128<E: serde::de::Error>(self, n: i128) -> Result<Self::Value, E> {
-        u64::try_from(n)
-            .map(|b| Some(Quantity(b)))
-            .map_err(|_| Self::not_whole(n))
+        Self::bytes(n)
     }
     fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
         Err(Self::not_whole(n))

@@ -37,11 +37,14 @@ pub struct ProcessFacts {
 }
 
 /// Reads the node and this process; keeps sysinfo's state between reads so a
-/// scrape refreshes only what it serves (one process, the memory counters).
+/// scrape refreshes only what changes (one process, the memory counters,
+/// the uptime). What does not change while the agent runs (kernel, OS
+/// image, CPUs, boot time) is read once.
 #[derive(Debug)]
 pub struct SystemProbe {
     sys: Mutex<Option<System>>,
     pid: Option<Pid>,
+    fixed: NodeFacts,
 }
 
 impl Default for SystemProbe {
@@ -49,6 +52,13 @@ impl Default for SystemProbe {
         SystemProbe {
             sys: Mutex::new(System::new().ok()),
             pid: sysinfo::get_current_pid().ok(),
+            fixed: NodeFacts {
+                kernel: System::kernel_version().unwrap_or_default(),
+                os: System::long_os_version().unwrap_or_default(),
+                cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+                boot_time: System::boot_time().unwrap_or_default(),
+                ..NodeFacts::default()
+            },
         }
     }
 }
@@ -57,12 +67,8 @@ impl SystemProbe {
     /// The node's facts; fields sysinfo cannot read stay empty or zero.
     pub fn node(&self) -> NodeFacts {
         let mut facts = NodeFacts {
-            kernel: System::kernel_version().unwrap_or_default(),
-            os: System::long_os_version().unwrap_or_default(),
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             uptime_seconds: System::uptime().unwrap_or_default(),
-            boot_time: System::boot_time().unwrap_or_default(),
-            ..NodeFacts::default()
+            ..self.fixed.clone()
         };
         let mut guard = self.sys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sys) = guard.as_mut() {

@@ -123,6 +123,29 @@ pub struct Pool {
     root: PathBuf,
 }
 
+/// The two kinds of file a pool holds, each in its own directory.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Volume => "volumes",
+            Kind::Snapshot => "snapshots",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
 fn check_id(id: &str) -> Result<(), PoolError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID
@@ -142,24 +165,24 @@ impl Pool {
     /// directories on first use).
     pub fn open(mount_point: &Path) -> Result<Pool, PoolError> {
         let root = mount_point.join("pool");
-        for d in ["volumes", "snapshots"] {
-            let p = root.join(d);
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            let p = root.join(kind.dir());
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
         Ok(Pool { root })
     }
 
-    fn path(&self, dir: &str, id: &str) -> Result<PathBuf, PoolError> {
+    fn path(&self, kind: Kind, id: &str) -> Result<PathBuf, PoolError> {
         check_id(id)?;
-        Ok(self.root.join(dir).join(id))
+        Ok(self.root.join(kind.dir()).join(id))
     }
 
     pub fn volume_path(&self, id: &str) -> Result<PathBuf, PoolError> {
-        self.path("volumes", id)
+        self.path(Kind::Volume, id)
     }
 
-    fn entries(&self, dir: &str) -> Result<Vec<Entry>, PoolError> {
-        let d = self.root.join(dir);
+    fn entries(&self, kind: Kind) -> Result<Vec<Entry>, PoolError> {
+        let d = self.root.join(kind.dir());
         let mut out = Vec::new();
         for e in std::fs::read_dir(&d).map_err(io("read", &d))? {
             let e = e.map_err(io("read", &d))?;
@@ -179,15 +202,15 @@ impl Pool {
     }
 
     pub fn volumes(&self) -> Result<Vec<Entry>, PoolError> {
-        self.entries("volumes")
+        self.entries(Kind::Volume)
     }
 
     pub fn snapshots(&self) -> Result<Vec<Entry>, PoolError> {
-        self.entries("snapshots")
+        self.entries(Kind::Snapshot)
     }
 
-    fn find(&self, dir: &'static str, id: &str) -> Result<Option<Entry>, PoolError> {
-        let path = self.path(dir, id)?;
+    fn find(&self, kind: Kind, id: &str) -> Result<Option<Entry>, PoolError> {
+        let path = self.path(kind, id)?;
         match std::fs::symlink_metadata(&path) {
             Ok(m) if !m.is_file() => Err(io("open", &path)(std::io::Error::other(
                 "not a regular file: the pool holds only disklet's own files",
@@ -202,12 +225,20 @@ impl Pool {
         }
     }
 
+    /// Like `find`, where a missing one is an error.
+    fn require(&self, kind: Kind, id: &str) -> Result<Entry, PoolError> {
+        self.find(kind, id)?.ok_or_else(|| PoolError::NotFound {
+            what: kind.what(),
+            id: id.to_string(),
+        })
+    }
+
     pub fn volume(&self, id: &str) -> Result<Option<Entry>, PoolError> {
-        self.find("volumes", id)
+        self.find(Kind::Volume, id)
     }
 
     pub fn snapshot(&self, id: &str) -> Result<Option<Entry>, PoolError> {
-        self.find("snapshots", id)
+        self.find(Kind::Snapshot, id)
     }
 
     /// Total, provisioned and available space. Volumes are fully
@@ -236,6 +267,15 @@ impl Pool {
         })
     }
 
+    /// Refuses `need` bytes more than the capacity has available.
+    fn ensure_room(&self, need: u64) -> Result<(), PoolError> {
+        let available = self.capacity()?.available;
+        if need > available {
+            return Err(PoolError::NoSpace { need, available });
+        }
+        Ok(())
+    }
+
     /// Creates volume `id` of `size` bytes from `source`. Idempotent: a
     /// volume of that name and size is returned as it is.
     pub fn create_volume(
@@ -245,26 +285,16 @@ impl Pool {
         source: Source<'_>,
     ) -> Result<Entry, PoolError> {
         if let Some(e) = self.volume(id)? {
-            return same_size("volume", e, size);
+            return same_size(Kind::Volume, e, size);
         }
         let from = match source {
             Source::Empty => None,
-            Source::Volume(v) => Some(self.volume(v)?.ok_or(PoolError::NotFound {
-                what: "volume",
-                id: v.to_string(),
-            })?),
-            Source::Snapshot(s) => Some(self.snapshot(s)?.ok_or(PoolError::NotFound {
-                what: "snapshot",
-                id: s.to_string(),
-            })?),
+            Source::Volume(v) => Some(self.require(Kind::Volume, v)?),
+            Source::Snapshot(s) => Some(self.require(Kind::Snapshot, s)?),
         };
         // New: allocated now. A copy: shares its extents, and may come to
         // need its size as they are written.
-        let need = size;
-        let available = self.capacity()?.available;
-        if need > available {
-            return Err(PoolError::NoSpace { need, available });
-        }
+        self.ensure_room(size)?;
         let path = self.volume_path(id)?;
         match from {
             None => self.make(&path, |f, p| allocate(f, p, 0, size)),
@@ -277,35 +307,20 @@ impl Pool {
                 allocate(f, p, 0, size)
             }),
         }?;
-        self.volume(id)?.ok_or(PoolError::NotFound {
-            what: "volume",
-            id: id.to_string(),
-        })
+        self.require(Kind::Volume, id)
     }
 
     /// Snapshot `id` of volume `volume`: a reflink copy. Idempotent for the
     /// same name and volume size.
     pub fn create_snapshot(&self, id: &str, volume: &str) -> Result<Entry, PoolError> {
-        let src = self.volume(volume)?.ok_or(PoolError::NotFound {
-            what: "volume",
-            id: volume.to_string(),
-        })?;
+        let src = self.require(Kind::Volume, volume)?;
         if let Some(e) = self.snapshot(id)? {
-            return same_size("snapshot", e, src.size);
+            return same_size(Kind::Snapshot, e, src.size);
         }
-        let available = self.capacity()?.available;
-        if src.size > available {
-            return Err(PoolError::NoSpace {
-                need: src.size,
-                available,
-            });
-        }
-        let path = self.path("snapshots", id)?;
+        self.ensure_room(src.size)?;
+        let path = self.path(Kind::Snapshot, id)?;
         self.make(&path, |f, p| reflink(&src.path, f, p))?;
-        self.snapshot(id)?.ok_or(PoolError::NotFound {
-            what: "snapshot",
-            id: id.to_string(),
-        })
+        self.require(Kind::Snapshot, id)
     }
 
     /// Writes the file under a temporary name, syncs it, then renames it
@@ -337,10 +352,7 @@ impl Pool {
     /// Grows volume `id` to `size` (a no-op at its size or an equal one);
     /// an attached loop device is told at once.
     pub fn expand_volume(&self, id: &str, size: u64) -> Result<Entry, PoolError> {
-        let e = self.volume(id)?.ok_or(PoolError::NotFound {
-            what: "volume",
-            id: id.to_string(),
-        })?;
+        let e = self.require(Kind::Volume, id)?;
         if size < e.size {
             return Err(PoolError::Shrink {
                 id: id.to_string(),
@@ -349,13 +361,7 @@ impl Pool {
             });
         }
         if size > e.size {
-            let available = self.capacity()?.available;
-            if size - e.size > available {
-                return Err(PoolError::NoSpace {
-                    need: size - e.size,
-                    available,
-                });
-            }
+            self.ensure_room(size - e.size)?;
             let f = OpenOptions::new()
                 .write(true)
                 .open(&e.path)
@@ -366,24 +372,21 @@ impl Pool {
                 set_capacity(&dev)?;
             }
         }
-        self.volume(id)?.ok_or(PoolError::NotFound {
-            what: "volume",
-            id: id.to_string(),
-        })
+        self.require(Kind::Volume, id)
     }
 
     /// Destroys volume `id` (idempotent: a missing one is done). An attached
     /// loop device is detached first, unless anything holds it open.
     pub fn delete_volume(&self, id: &str) -> Result<(), PoolError> {
-        self.delete("volumes", id)
+        self.delete(Kind::Volume, id)
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<(), PoolError> {
-        self.delete("snapshots", id)
+        self.delete(Kind::Snapshot, id)
     }
 
-    fn delete(&self, dir: &'static str, id: &str) -> Result<(), PoolError> {
-        let Some(e) = self.find(dir, id)? else {
+    fn delete(&self, kind: Kind, id: &str) -> Result<(), PoolError> {
+        let Some(e) = self.find(kind, id)? else {
             return Ok(());
         };
         if let Some(dev) = attached(&e.path) {
@@ -410,12 +413,12 @@ impl Pool {
     }
 }
 
-fn same_size(what: &'static str, e: Entry, want: u64) -> Result<Entry, PoolError> {
+fn same_size(kind: Kind, e: Entry, want: u64) -> Result<Entry, PoolError> {
     if e.size == want {
         Ok(e)
     } else {
         Err(PoolError::Exists {
-            what,
+            what: kind.what(),
             id: e.id,
             have: e.size,
             want,
