@@ -45,6 +45,7 @@ sync_mod() {
     go mod tidy
   )
   (cd "$mods/etcd" && printf 'module disklet.test/cluster/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >go.mod && rm -f go.sum && go mod tidy)
+  (cd "$mods/csi-test" && printf 'module disklet.test/cluster/csi-test\n\ngo 1.26.0\n\nrequire github.com/kubernetes-csi/csi-test/v5 %s\n' "$CSI_TEST_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/kwok" && printf 'module disklet.test/cluster/kwok\n\ngo 1.26.0\n\nrequire sigs.k8s.io/kwok %s\n' "$KWOK_VERSION" >go.mod && rm -f go.sum && go mod tidy)
 }
 
@@ -122,10 +123,16 @@ build() {
     done >"$wdir/kwok-stages.yaml.tmp"
     mv "$wdir/kwok-stages.yaml.tmp" "$wdir/kwok-stages.yaml"
   fi
+  # csi-sanity, for the CSI driver's conformance test (tests/csi_sanity.rs).
+  local cdir
+  cdir=$(key_dir csi-test "$CSI_TEST_VERSION" "$mods/csi-test")
+  build_one csi-test "$CSI_TEST_VERSION" "$mods/csi-test" "" \
+    github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
   flock -u 9
   # One dir of links, so callers need one PATH entry.
-  local bin="$cache/bin-$(basename "$kdir")-$(basename "$edir")-$(basename "$wdir")"
+  local bin="$cache/bin-$(basename "$kdir")-$(basename "$edir")-$(basename "$wdir")-$(basename "$cdir")"
   mkdir -p "$bin"
+  ln -sf "$cdir/csi-sanity" "$bin/"
   ln -sf "$kdir"/kube-apiserver "$kdir"/kube-controller-manager "$kdir"/kube-scheduler "$kdir"/kubectl "$bin/"
   ln -sf "$edir/etcd" "$wdir/kwok" "$wdir/kwok-stages.yaml" "$bin/"
   echo "$bin"

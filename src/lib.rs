@@ -6,6 +6,7 @@
 //! and `scan` wires them for the `disklet scan` command.
 
 pub mod config;
+pub mod csi;
 pub mod doctor;
 pub mod failpoint;
 pub mod host;

@@ -72,6 +72,29 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9403")]
         listen: std::net::SocketAddr,
     },
+    /// Serve the CSI driver (Identity, Controller, Node) for the volumes of
+    /// this node's pools (classes of kind: pool, which `disklet run` formats
+    /// and mounts).
+    Csi {
+        /// The socket the CSI sidecars and kubelet call.
+        #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+        endpoint: String,
+        #[arg(long, env = "DISKLET_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// The driver's name: the CSIDriver object's and the StorageClass's
+        /// provisioner.
+        #[arg(long, default_value = disklet::csi::DEFAULT_DRIVER_NAME)]
+        driver_name: String,
+        /// Volumes this node may hold (NodeGetInfo); each is a loop device.
+        #[arg(long, default_value_t = 1000)]
+        max_volumes: i64,
+        /// Do not read the Node's labels for the topology (no cluster, as
+        /// under csi-sanity): the hostname segment is the node name.
+        #[arg(long)]
+        no_api: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -148,7 +171,99 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Csi {
+            endpoint,
+            config,
+            node_name,
+            driver_name,
+            max_volumes,
+            no_api,
+        } => csi_main(
+            &config,
+            endpoint,
+            node_name,
+            driver_name,
+            max_volumes,
+            no_api,
+        ),
     }
+}
+
+/// `disklet csi`: the config must name a pool, the endpoint be a socket.
+fn csi_main(
+    config: &PathBuf,
+    endpoint: String,
+    node_name: String,
+    driver_name: String,
+    max_volumes: i64,
+    no_api: bool,
+) -> ExitCode {
+    let cfg = match load_config(Some(config)) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !cfg.classes.iter().any(|c| c.is_pool()) {
+        eprintln!(
+            "disklet: {}: classes: no class of kind: pool, so the CSI driver would have no pool to carve volumes from; add one (README, CSI)",
+            config.display()
+        );
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    if let Err(e) = disklet::csi::socket_path(&endpoint) {
+        eprintln!("disklet: --endpoint: {e}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    match run_csi(cfg, endpoint, node_name, driver_name, max_volumes, no_api) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("disklet csi: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_csi(
+    cfg: Config,
+    endpoint: String,
+    node_name: String,
+    driver_name: String,
+    max_volumes: i64,
+    no_api: bool,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut topology = std::collections::BTreeMap::new();
+        topology.insert(
+            disklet::model::HOSTNAME_LABEL.to_string(),
+            node_name.clone(),
+        );
+        if !no_api {
+            let kube = disklet::k8s::client::Kube::connect(&node_name).await?;
+            let (info, _) = kube.node_info().await?;
+            topology.insert(
+                disklet::model::HOSTNAME_LABEL.to_string(),
+                info.hostname.clone(),
+            );
+            for k in &cfg.topology_keys {
+                if let Some(v) = info.labels.get(k) {
+                    topology.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let node = disklet::csi::NodeFacts {
+            name: node_name,
+            topology,
+            max_volumes,
+        };
+        let driver = disklet::csi::Driver::new(driver_name, cfg, node);
+        disklet::csi::serve(driver, &endpoint, shutdown_signal()).await?;
+        tracing::info!(
+            "CSI driver stopped; volumes stay attached and mounted for the pods using them"
+        );
+        Ok(())
+    })
 }
 
 fn run_doctor(cfg: &Config, node: Option<&str>, no_api: bool) -> ExitCode {

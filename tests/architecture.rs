@@ -20,6 +20,9 @@ const MAY_NAME: &[(&str, &[&str])] = &[
     ("host", &["model", "config", "failpoint"]),
     // The API server.
     ("k8s", &["model", "config"]),
+    // The CSI driver: the pools' volumes, served over gRPC; never the
+    // agent's plan or the API.
+    ("csi", &["model", "config", "host"]),
 ];
 
 /// Pairs of files in one layer that must not name each other.

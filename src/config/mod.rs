@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use crate::model::{AccessMode, VolumeMode};
-pub use schema::{BlankCheck, Class, CleanupMethod, Config, FsType, Selector};
+pub use schema::{BlankCheck, Class, ClassKind, CleanupMethod, Config, FsType, Selector};
 
 /// Exit code for any configuration problem.
 pub const EXIT_CONFIG: i32 = 2;

@@ -130,10 +130,27 @@ pub enum BlankCheck {
     Signatures,
 }
 
+/// What a class makes of its disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassKind {
+    /// Each disk (or discovery-dir entry) one Local PV, published by the
+    /// agent.
+    #[default]
+    Static,
+    /// The disks are formatted (XFS, reflink on) and mounted like a static
+    /// class's, under the same safety rules, but never published: the CSI
+    /// driver (`disklet csi`) carves volumes of the requested size out of
+    /// them.
+    Pool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Class {
     pub name: String,
+    #[serde(default)]
+    pub kind: ClassKind,
     /// StorageClass of the PVs; defaults to `name`.
     #[serde(default)]
     pub storage_class_name: Option<String>,
@@ -180,6 +197,10 @@ fn default_settle() -> u64 {
 impl Class {
     pub fn storage_class(&self) -> &str {
         self.storage_class_name.as_deref().unwrap_or(&self.name)
+    }
+
+    pub fn is_pool(&self) -> bool {
+        self.kind == ClassKind::Pool
     }
 }
 

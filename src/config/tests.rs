@@ -217,3 +217,26 @@ fn edit_distance_is_levenshtein() {
     assert_eq!(edit_distance("", "abc"), 3);
     assert_eq!(edit_distance("same", "same"), 0);
 }
+
+#[test]
+fn a_pool_class_parses_and_refuses_static_only_fields() {
+    let c = Config::parse("classes: [{name: pool, kind: pool, selector: {paths: [/dev/sdz]}}]")
+        .unwrap();
+    assert!(c.classes[0].is_pool());
+    assert_eq!(c.classes[0].fs_type, FsType::Xfs);
+    let p = problems(
+        "classes: [{name: p, kind: pool, fsType: ext4, volumeMode: Block, cleanup: files, discoveryDirs: [/mnt/d], selector: {paths: [/dev/sdz]}}]",
+    );
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "classes[0].fsType",
+        "classes[0].volumeMode",
+        "classes[0].discoveryDirs",
+        "classes[0].cleanup",
+    ] {
+        assert!(keys.contains(&k), "{k} not refused: {p:?}");
+    }
+    let p = problems("classes: [{name: p, kind: lvm, selector: {paths: [/dev/sdz]}}]");
+    assert_eq!(p[0].key, "classes[0].kind", "{p:?}");
+    assert!(p[0].message.contains("pool"), "{}", p[0].message);
+}

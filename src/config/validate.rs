@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::schema::{Class, Config, Selector};
+use super::schema::{Class, Config, FsType, Selector};
 use super::{Problem, VolumeMode};
 use crate::model::DeviceKind;
 
@@ -43,8 +43,33 @@ pub(super) fn validate(cfg: &Config) -> Vec<Problem> {
         selector_globs(at, &c.selector, &mut out);
         selector_narrowing(at, &c.selector, &mut out);
         discovery_dirs(cfg, at, c, &mut dirs_seen, &mut out);
+        pool_fields(at, c, &mut out);
     }
     out.0
+}
+
+/// A pool class formats its disks XFS for reflink snapshots and publishes
+/// nothing itself: the fields that shape a static PV do not apply.
+fn pool_fields(at: At, c: &Class, out: &mut Problems) {
+    if !c.is_pool() {
+        return;
+    }
+    let why = "does not apply to kind: pool (the CSI driver's StorageClass and claims decide it per volume); remove it";
+    if c.fs_type != FsType::Xfs {
+        out.bad(at.k("fsType"), "a pool is XFS (its snapshots and clones are reflink copies); remove fsType or set xfs. A volume's own filesystem is the StorageClass's csi.storage.k8s.io/fstype".into());
+    }
+    if c.volume_mode != VolumeMode::Filesystem {
+        out.bad(at.k("volumeMode"), why.into());
+    }
+    if c.publish_fs_type {
+        out.bad(at.k("publishFsType"), why.into());
+    }
+    if !c.discovery_dirs.is_empty() {
+        out.bad(at.k("discoveryDirs"), "a pool takes whole disks it formats itself, not discovery dirs; list the dirs in a static class".into());
+    }
+    if c.cleanup.is_some() {
+        out.bad(at.k("cleanup"), "does not apply to kind: pool: a deleted volume's space is always punched out of the pool before it is reused; remove it".into());
+    }
 }
 
 /// The problems found so far.

@@ -100,7 +100,7 @@ pub fn format_bytes(n: u64) -> String {
 /// divides them (`268435456` → `256Mi`), so `kubectl get pv` reads well.
 pub fn exact(bytes: u64) -> String {
     for (shift, suffix) in [(50, "Pi"), (40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }

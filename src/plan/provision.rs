@@ -347,6 +347,8 @@ impl<'i, 'a> Provisioning<'i, 'a> {
                     ));
                 }
             }
+            // A pool publishes nothing: the CSI driver carves it up.
+            _ if class.is_pool() => {}
             Some(f) if f.vol_dir => {
                 let mut annotations = identity_annotations(dev);
                 annotations.insert(ANN_FS_UUID.to_string(), uuid.to_string());
@@ -561,7 +563,7 @@ impl<'i, 'a> Provisioning<'i, 'a> {
                 _ => Action::Report {
                     warning: true,
                     reason: event::STORAGE_CLASS_MISSING,
-                    message: format!("StorageClass {sc_name:?} of class {:?} does not exist; its disks are neither formatted nor published until it does (create it with provisioner kubernetes.io/no-provisioner)", class.name),
+                    message: format!("StorageClass {sc_name:?} of class {:?} does not exist; its disks are neither formatted nor published until it does (create it with provisioner {})", class.name, if class.is_pool() { "csi.disklet.io, deploy/overlays/csi" } else { "kubernetes.io/no-provisioner" }),
                     subject: Subject::Node,
                 },
             });

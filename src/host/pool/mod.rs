@@ -31,6 +31,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use crate::host::{Cmd, CmdError};
 
 mod fiemap;
+mod meta;
 use fiemap::shared_bytes;
 
 mod ioctls {
@@ -46,7 +47,7 @@ const MAX_ID: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("{id:?} is not a valid volume or snapshot name: use 1 to {MAX_ID} of a-z, 0-9, '-', '_' and '.', not starting with '.'")]
+    #[error("{id:?} is not a valid volume or snapshot name: use 1 to {MAX_ID} of a-z, A-Z, 0-9, '-', '_' and '.', not starting with '.'")]
     BadId { id: String },
     #[error("{what} {id} already exists with size {have} (asked {want})")]
     Exists {
@@ -152,7 +153,7 @@ fn check_id(id: &str) -> Result<(), PoolError> {
         && !id.starts_with('.')
         && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -319,8 +320,17 @@ impl Pool {
         }
         self.ensure_room(src.size)?;
         let path = self.path(Kind::Snapshot, id)?;
-        self.make(&path, |f, p| reflink(&src.path, f, p))?;
+        self.make(&path, |f, p| {
+            reflink(&src.path, f, p)?;
+            meta::set_source(f, p, volume)
+        })?;
         self.require(Kind::Snapshot, id)
+    }
+
+    /// The volume snapshot `id` was taken of, as recorded with it.
+    pub fn snapshot_source(&self, id: &str) -> Result<Option<String>, PoolError> {
+        let e = self.require(Kind::Snapshot, id)?;
+        meta::source(&e.path)
     }
 
     /// Writes the file under a temporary name, syncs it, then renames it
