@@ -11,6 +11,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libu
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+COPY proto ./proto
 COPY benches ./benches
 # A workspace member (the tests' fake API server): cargo loads every member's
 # manifest, even to build one binary.

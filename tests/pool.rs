@@ -416,7 +416,8 @@ fn bad_names_touch_nothing() {
         "../escape",
         "a/b",
         ".hidden",
-        "UPPER",
+        "with space",
+        "semi;colon",
         "x".repeat(129).as_str(),
     ] {
         let err = t.pool.create_volume(id, MIB, Source::Empty).unwrap_err();

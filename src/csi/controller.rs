@@ -59,9 +59,12 @@ impl Driver {
             }
             Some(Src::Volume(v)) => {
                 let (p, src) = self.volume(&v.volume_id)?;
-                let e = p
-                    .pool
-                    .create_volume(name, size.max(src.size), Source::Volume(&src.id));
+                // A clone of a live volume is taken like a snapshot: with
+                // its filesystem frozen.
+                let e = super::nodeops::frozen(&src.path, || {
+                    p.pool
+                        .create_volume(name, size.max(src.size), Source::Volume(&src.id))
+                })?;
                 (p, e)
             }
         };

@@ -95,7 +95,14 @@ pub fn filesystem(dev: &Path, size: u64) -> Result<Option<String>, Status> {
 pub fn mkfs(dev: &Path, fs_type: &str) -> Result<(), Status> {
     let cmd = match fs_type {
         "xfs" => Cmd::new("mkfs.xfs").arg("-q").arg("-K"),
-        _ => Cmd::new("mkfs.ext4").arg("-q").arg("-E").arg("nodiscard"),
+        // 4 KiB blocks: the loop device has 4 KiB sectors (pool::attach),
+        // and mke2fs would pick 1 KiB for a small volume.
+        _ => Cmd::new("mkfs.ext4")
+            .arg("-q")
+            .arg("-b")
+            .arg("4096")
+            .arg("-E")
+            .arg("nodiscard"),
     };
     cmd.arg(dev.as_os_str())
         .output()

@@ -516,6 +516,9 @@ pub fn attach(file: &Path) -> Result<PathBuf, PoolError> {
         .arg("--find")
         .arg("--show")
         .arg("--direct-io=on")
+        // Always 4 KiB sectors, whatever the kernel would pick for this
+        // attach: a filesystem made on one attach must mount on the next.
+        .arg("--sector-size=4096")
         .arg("--nooverlap")
         .arg(file.as_os_str())
         .output()?;
