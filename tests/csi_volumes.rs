@@ -510,3 +510,82 @@ async fn a_deleted_volumes_space_reads_zeroes_in_the_next_volume() {
     }
     assert_eq!(read_bytes, size);
 }
+
+/// NodeStage makes a filesystem only on a blank volume: one that holds a
+/// Block tenant's data, or another filesystem, is refused and left as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn stage_never_formats_a_volume_that_holds_data() {
+    let Some((rig, mut c, mut n)) = rig("stage_never_formats_a_volume_that_holds_data", 400).await
+    else {
+        return;
+    };
+    let block = block_cap();
+    let v = create(&mut c, "pvc-raw", 16 * MIB, block.clone(), None).await;
+    let dev = attach(&mut n, &rig.dir, &v, &block).await;
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        // Data in the middle, no signature anywhere libblkid looks.
+        f.seek(SeekFrom::Start(8 * MIB)).unwrap();
+        f.write_all(&[0x5Au8; 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let raw = std::fs::read(&dev).unwrap();
+    detach(&mut n, &rig.dir, &v).await;
+    let staging = rig.dir.join("k").join("raw-as-fs");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mount = mount_cap();
+    let refused = n
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(mount.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("holds data"),
+        "{}",
+        refused.message()
+    );
+    let dev = attach(&mut n, &rig.dir, &v, &block).await;
+    assert!(std::fs::read(&dev).unwrap() == raw, "the raw data changed");
+    detach(&mut n, &rig.dir, &v).await;
+
+    // Another filesystem than the one asked: refused too.
+    let x = create(&mut c, "pvc-ext4", 16 * MIB, mount.clone(), None).await;
+    let t = attach(&mut n, &rig.dir, &x, &mount).await;
+    write(&t, "ext4 tenant");
+    detach(&mut n, &rig.dir, &x).await;
+    let xfs = VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "xfs".into(),
+            ..Default::default()
+        })),
+    };
+    let refused = n
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: x.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(xfs),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let t = attach(&mut n, &rig.dir, &x, &mount).await;
+    assert_eq!(read(&t), "ext4 tenant");
+}

@@ -50,7 +50,7 @@ impl Driver {
                 )))
             };
         }
-        match nodeops::filesystem(&dev, e.size)? {
+        match nodeops::filesystem(&dev, &e.path)? {
             None => {
                 nodeops::mkfs(&dev, fs_type)?;
                 tracing::info!(

@@ -9,7 +9,7 @@ use tonic::Status;
 
 use crate::host::mountinfo::read_consistent;
 use crate::host::pool;
-use crate::host::probe::{ends_are_zero, parse_wipefs};
+use crate::host::probe::parse_wipefs;
 use crate::host::Cmd;
 use crate::model::MountEntry;
 
@@ -66,10 +66,11 @@ pub fn published_at(
         .collect())
 }
 
-/// The filesystem on a volume's device, `None` when the volume is blank: no
-/// signature and its first and last MiB zero. Data without a signature is
-/// an error: it is never formatted.
-pub fn filesystem(dev: &Path, size: u64) -> Result<Option<String>, Status> {
+/// The filesystem on a volume's device, `None` when the volume is blank:
+/// no signature, and not one byte of its file ever written (FIEMAP: every
+/// extent still unwritten). Data without a signature anywhere in the volume,
+/// a Block tenant's say, is an error: it is never formatted.
+pub fn filesystem(dev: &Path, file: &Path) -> Result<Option<String>, Status> {
     let text = Cmd::new("wipefs")
         .arg("--no-act")
         .arg("--json")
@@ -80,13 +81,13 @@ pub fn filesystem(dev: &Path, size: u64) -> Result<Option<String>, Status> {
     if let Some(s) = sigs.first() {
         return Ok(Some(s.kind.clone()));
     }
-    match ends_are_zero(dev, size) {
-        Ok(true) => Ok(None),
-        Ok(false) => Err(Status::failed_precondition(format!(
-            "{} holds data but no filesystem signature; it is not formatted (a Block volume's data, say)",
+    match pool::written_bytes(file) {
+        Ok(0) => Ok(None),
+        Ok(n) => Err(Status::failed_precondition(format!(
+            "{} holds data ({n} bytes written) but no filesystem signature; it is not formatted (a Block volume's data, say)",
             dev.display()
         ))),
-        Err(e) => Err(internal("cannot read", dev, e)),
+        Err(e) => Err(internal("cannot map the extents of", file, e)),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Which bytes of a file share their extents with another file: FIEMAP
-//! (linux/fiemap.h), for the pool's capacity.
+//! Which bytes of a file share their extents with another file (for the
+//! pool's capacity), and which were ever written (whether a volume is
+//! blank): FIEMAP (linux/fiemap.h).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -41,10 +42,22 @@ struct FiemapExtent {
 const EXTENTS: usize = 128;
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
 const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
 
 /// The bytes of the file in extents it shares with another file.
 pub(super) fn shared_bytes(path: &Path) -> Result<u64, PoolError> {
+    extent_bytes(path, |flags| flags & FIEMAP_EXTENT_SHARED != 0)
+}
+
+/// The bytes of the file in written extents: allocated by `fallocate` and
+/// never written since, an extent is unwritten (and reads as zeroes).
+pub(super) fn written_bytes(path: &Path) -> Result<u64, PoolError> {
+    extent_bytes(path, |flags| flags & FIEMAP_EXTENT_UNWRITTEN == 0)
+}
+
+/// The bytes of the file in extents whose flags pass `counts`.
+fn extent_bytes(path: &Path, counts: impl Fn(u32) -> bool) -> Result<u64, PoolError> {
     let f = File::open(path).map_err(io("open", path))?;
     let mut buf = Box::new(FiemapBuf {
         start: 0,
@@ -67,7 +80,7 @@ pub(super) fn shared_bytes(path: &Path) -> Result<u64, PoolError> {
         let mut last = false;
         let mut next = buf.start;
         for e in &buf.extents[..n] {
-            if e.flags & FIEMAP_EXTENT_SHARED != 0 {
+            if counts(e.flags) {
                 shared += e.length;
             }
             last |= e.flags & FIEMAP_EXTENT_LAST != 0;

@@ -488,6 +488,12 @@ fn sync_dir(path: &Path) -> Result<(), PoolError> {
         .map_err(io("sync", dir))
 }
 
+/// The bytes of a volume file that were ever written: zero for a volume
+/// no tenant has written to (its extents all unwritten).
+pub fn written_bytes(file: &Path) -> Result<u64, PoolError> {
+    fiemap::written_bytes(file)
+}
+
 /// The loop device `file` is attached to, by the kernel's record of each
 /// loop device's backing file.
 pub fn attached(file: &Path) -> Option<PathBuf> {
