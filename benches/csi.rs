@@ -1,0 +1,245 @@
+//! `cargo bench --bench csi` (root): the CSI driver's own costs, each as a
+//! ratio against the physical floor measured in the same run, on a 24 GiB
+//! XFS pool (reflink on: a snapshot holds room for every block the volume
+//! may still overwrite, so 10 GiB more than the volume) on a loop device of the bench's own, with the
+//! driver served in-process over a unix socket and called over gRPC as the
+//! sidecars call it.
+//!
+//! - CreateVolume of 1 GiB (median of 20) against one `fallocate` of 1 GiB
+//!   in the same pool (what a create must do at least);
+//! - CreateSnapshot of a 10 GiB volume with 5 GiB written (expected O(1))
+//!   against a full copy of that volume file (`cp --reflink=never`).
+//!
+//! I/O throughput of a volume against the raw pool device is measured by
+//! `scripts/pool-backends.sh` (fio; DESIGN.md has the figures).
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use disklet::csi::proto::controller_client::ControllerClient;
+use disklet::csi::proto::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume,
+};
+use disklet::csi::proto::*;
+use support::*;
+use tonic::transport::Channel;
+
+const GIB: u64 = 1 << 30;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn cap() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+async fn client(sock: PathBuf) -> ControllerClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(sock).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    ControllerClient::new(channel)
+}
+
+async fn create(c: &mut ControllerClient<Channel>, name: &str, bytes: u64) -> Volume {
+    c.create_volume(CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volume
+    .unwrap()
+}
+
+/// Detaches every loop backed by a file under `dir` (the volumes), on drop.
+struct Volumes(PathBuf);
+
+impl Drop for Volumes {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Ok(b) = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")) {
+                if Path::new(b.trim()).starts_with(&self.0) {
+                    let _ = Command::new("losetup")
+                        .args(["-d", &format!("/dev/{n}")])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if skip_unless_root("bench csi") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let disk = Loop::new(&dir.join("disks"), "pool", 24 * 1024);
+    disk.assert_ours();
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+    let uuid = uuid.trim();
+    sh(&[
+        "mkfs.xfs",
+        "-q",
+        "-m",
+        "reflink=1",
+        "-m",
+        &format!("uuid={uuid}"),
+        disk.path(),
+    ]);
+    let mount = dir.join("hostdir/pool").join(uuid);
+    let _mounted = Mounted::new(disk.path(), &mount);
+    let _volumes = Volumes(dir.join("hostdir"));
+    let cfg = disklet::config::Config::parse(&format!(
+        "hostDir: {d}/hostdir\nkubeletDir: {d}/kubelet\nmountInfo: /proc/self/mountinfo\nclasses:\n  - name: pool\n    kind: pool\n    selector: {{backingFiles: [\"{d}/disks/*.img\"], types: [loop]}}\n",
+        d = dir.display()
+    ))
+    .unwrap();
+    let node = disklet::csi::NodeFacts {
+        name: "bench".into(),
+        topology: [("kubernetes.io/hostname".to_string(), "bench".to_string())].into(),
+        max_volumes: 1000,
+    };
+    let driver = disklet::csi::Driver::new("csi.disklet.io".into(), cfg, node);
+    let sock = dir.join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        disklet::csi::serve(driver, &endpoint, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    while !sock.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut c = client(sock).await;
+
+    // CreateVolume against fallocate, alternated.
+    let (mut creates, mut floors) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        let t = Instant::now();
+        let v = create(&mut c, &format!("pvc-{i}"), GIB).await;
+        creates.push(t.elapsed());
+        let f = mount.join(format!("floor-{i}"));
+        let t = Instant::now();
+        sh(&["fallocate", "-l", &GIB.to_string(), f.to_str().unwrap()]);
+        floors.push(t.elapsed());
+        std::fs::remove_file(&f).unwrap();
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let (cv, fl) = (median(creates), median(floors));
+    println!(
+        "CreateVolume 1 GiB: median {:.2} ms; fallocate 1 GiB (the floor, a process like the driver's own steps): {:.2} ms; ratio {:.2}",
+        ms(cv),
+        ms(fl),
+        cv.as_secs_f64() / fl.as_secs_f64()
+    );
+
+    // A 10 GiB volume with 5 GiB written, then its snapshot against a copy.
+    let v = create(&mut c, "pvc-big", 10 * GIB).await;
+    let id = v.volume_id.split_once('_').unwrap().1.to_string();
+    let file = mount.join("pool/volumes").join(&id);
+    let dev = disklet::host::pool::attach(&file).unwrap();
+    sh(&[
+        "dd",
+        "if=/dev/urandom",
+        &format!("of={}", dev.display()),
+        "bs=4M",
+        "count=1280",
+        "oflag=direct",
+        "status=none",
+    ]);
+    disklet::host::pool::detach(&dev).unwrap();
+    // The pool's own disk is a buffered loop on the host: its 5 GiB of dirty
+    // pages would otherwise be flushed by whichever fsync comes next.
+    sh(&["sync"]);
+    let t = Instant::now();
+    c.create_snapshot(CreateSnapshotRequest {
+        source_volume_id: v.volume_id.clone(),
+        name: "snap-big".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let snap = t.elapsed();
+    let copy = mount.join("copy");
+    let t = Instant::now();
+    sh(&[
+        "cp",
+        "--reflink=never",
+        "--sparse=always",
+        file.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    sh(&["sync", "-f", copy.to_str().unwrap()]);
+    let full = t.elapsed();
+    println!(
+        "CreateSnapshot of 10 GiB with 5 GiB written: {:.2} ms; full copy (cp --reflink=never): {:.0} ms; ratio {:.4}",
+        ms(snap),
+        ms(full),
+        snap.as_secs_f64() / full.as_secs_f64()
+    );
+    std::fs::remove_file(&copy).unwrap();
+    // The kernel's own reflink of the same file: the floor of a snapshot.
+    let rl = mount.join("reflink");
+    let t = Instant::now();
+    sh(&[
+        "cp",
+        "--reflink=always",
+        file.to_str().unwrap(),
+        rl.to_str().unwrap(),
+    ]);
+    sh(&["sync", "-f", rl.to_str().unwrap()]);
+    let floor = t.elapsed();
+    let extents = sh(&["xfs_bmap", file.to_str().unwrap()])
+        .lines()
+        .count()
+        .saturating_sub(1);
+    println!(
+        "  the kernel's reflink of the same file (cp --reflink=always): {:.2} ms, {extents} extents; CreateSnapshot / reflink {:.2}",
+        ms(floor),
+        snap.as_secs_f64() / floor.as_secs_f64()
+    );
+    std::fs::remove_file(&rl).unwrap();
+    let _ = stop.send(());
+    server.await.unwrap();
+}
