@@ -17,8 +17,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use disklet::csi::proto::controller_client::ControllerClient;
@@ -50,18 +49,7 @@ fn cap() -> VolumeCapability {
 }
 
 async fn client(sock: PathBuf) -> ControllerClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(sock).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    ControllerClient::new(channel)
+    ControllerClient::new(support::csi::channel(sock).await)
 }
 
 async fn create(c: &mut ControllerClient<Channel>, name: &str, bytes: u64) -> Volume {
@@ -86,16 +74,7 @@ struct Volumes(PathBuf);
 
 impl Drop for Volumes {
     fn drop(&mut self) {
-        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Ok(b) = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")) {
-                if Path::new(b.trim()).starts_with(&self.0) {
-                    let _ = Command::new("losetup")
-                        .args(["-d", &format!("/dev/{n}")])
-                        .status();
-                }
-            }
-        }
+        detach_loops_under(&self.0);
     }
 }
 

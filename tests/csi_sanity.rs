@@ -35,17 +35,7 @@ struct VolumeSweeper(PathBuf);
 impl Drop for VolumeSweeper {
     fn drop(&mut self) {
         MountSweeper(self.0.join("sanity")).sweep();
-        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let Ok(b) = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")) else {
-                continue;
-            };
-            if Path::new(b.trim()).starts_with(self.0.join("hostdir")) {
-                let _ = Command::new("losetup")
-                    .args(["-d", &format!("/dev/{n}")])
-                    .status();
-            }
-        }
+        support::detach_loops_under(&self.0.join("hostdir"));
     }
 }
 

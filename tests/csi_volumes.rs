@@ -43,16 +43,7 @@ impl Drop for Rig {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         support::agent::MountSweeper(self.dir.join("k")).sweep();
-        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Ok(b) = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")) {
-                if Path::new(b.trim()).starts_with(self.dir.join("hostdir")) {
-                    let _ = Command::new("losetup")
-                        .args(["-d", &format!("/dev/{n}")])
-                        .status();
-                }
-            }
-        }
+        detach_loops_under(&self.dir.join("hostdir"));
     }
 }
 
@@ -110,17 +101,7 @@ async fn rig(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(sock).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = support::csi::channel(sock).await;
     Some((
         rig,
         ControllerClient::new(channel.clone()),

@@ -12,7 +12,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use disklet::host::pool::{self, Pool, PoolError, Source};
 use support::*;
@@ -69,18 +68,7 @@ impl TestPool {
 
 impl Drop for TestPool {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir("/sys/block") else {
-            return;
-        };
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let bf = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file"));
-            if bf.is_ok_and(|b| Path::new(b.trim()).starts_with(&self.mount)) {
-                let _ = Command::new("losetup")
-                    .args(["-d", &format!("/dev/{n}")])
-                    .status();
-            }
-        }
+        detach_loops_under(&self.mount);
     }
 }
 
@@ -322,7 +310,17 @@ fn a_volume_in_use_is_never_destroyed() {
     );
     assert_eq!(differs(&dev, 0, MIB, b'E'), None, "nothing destroyed");
     drop(plain);
-    // The last close detached it (the kernel's autoclear): now it goes.
+    // The last close detaches it (the kernel's autoclear, which runs after
+    // the close returns): once it has, the volume goes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pool::attached(&v.path).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "autoclear never detached {}",
+            dev.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     t.pool.delete_volume("vol").unwrap();
     assert!(t.pool.volumes().unwrap().is_empty());
     assert!(pool::attached(&v.path).is_none());

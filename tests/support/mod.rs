@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod binder;
 pub mod cluster;
+pub mod csi;
 pub mod load;
 
 use std::io::{BufRead, BufReader, Write};
@@ -338,4 +339,21 @@ pub fn scan_json(config: &Path) -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Detaches every loop device whose backing file lies under `dir` (the
+/// volumes a pool's files were attached as): before the pool is unmounted.
+pub fn detach_loops_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let bf = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file"));
+        if bf.is_ok_and(|b| Path::new(b.trim()).starts_with(dir)) {
+            let _ = Command::new("losetup")
+                .args(["-d", &format!("/dev/{n}")])
+                .status();
+        }
+    }
 }

@@ -410,9 +410,10 @@ impl Pool {
             }
             detach(&dev)?;
             // The kernel detaches a loop device anything still has open
-            // only when the last user closes it (autoclear): until then the
-            // file is in use, and stays whole.
-            if attached(&e.path).is_some() {
+            // only when the last user closes it (autoclear, which finishes
+            // after losetup's own close returns): until then the file is in
+            // use, and stays whole.
+            if !detached_within(&e.path, DETACH_WAIT) {
                 return Err(PoolError::InUse {
                     id: id.to_string(),
                     dev,
@@ -537,6 +538,25 @@ pub fn detach(dev: &Path) -> Result<(), PoolError> {
         .arg(dev.as_os_str())
         .output()?;
     Ok(())
+}
+
+/// How long a delete waits for the kernel to finish detaching a loop
+/// device nothing holds open.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `file` is no longer attached, waiting up to `wait` for the
+/// kernel's deferred clear.
+fn detached_within(file: &Path, wait: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if attached(file).is_none() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// Tells an attached loop device its backing file's new size.
