@@ -447,7 +447,11 @@ fn a_discard_in_a_volume_never_gives_its_reserved_space_away() {
     // so the file keeps every block it reserved.
     let out = Command::new("blkdiscard").arg(&dev).output().unwrap();
     assert!(!out.status.success(), "blkdiscard of a volume succeeded");
-    assert!(allocated() >= 64 * MIB, "the volume's reserve shrank to {}", allocated());
+    assert!(
+        allocated() >= 64 * MIB,
+        "the volume's reserve shrank to {}",
+        allocated()
+    );
     assert_eq!(differs(&dev, 0, MIB, b'D'), None);
     // Still so after growth (LOOP_SET_CAPACITY) and a second attach.
     t.pool.expand_volume("vol", 96 * MIB).unwrap();
