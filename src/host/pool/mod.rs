@@ -517,7 +517,6 @@ pub fn attached(file: &Path) -> Option<PathBuf> {
 /// is already attached to (after a restart, say).
 pub fn attach(file: &Path) -> Result<PathBuf, PoolError> {
     if let Some(dev) = attached(file) {
-        no_discard(&dev)?;
         return Ok(dev);
     }
     let out = Cmd::new("losetup")
@@ -530,22 +529,7 @@ pub fn attach(file: &Path) -> Result<PathBuf, PoolError> {
         .arg("--nooverlap")
         .arg(file.as_os_str())
         .output()?;
-    let dev = PathBuf::from(out.trim());
-    no_discard(&dev)?;
-    Ok(dev)
-}
-
-/// Turns discard off on a volume's loop device: the loop driver would punch
-/// a discarded range out of the volume's file (an `fstrim` in the volume),
-/// giving its reserved space back to the pool, where another volume could
-/// take it and leave this one to meet ENOSPC.
-fn no_discard(dev: &Path) -> Result<(), PoolError> {
-    let name = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let knob = PathBuf::from(format!("/sys/block/{name}/queue/discard_max_bytes"));
-    std::fs::write(&knob, "0").map_err(io("write", &knob))
+    Ok(PathBuf::from(out.trim()))
 }
 
 pub fn detach(dev: &Path) -> Result<(), PoolError> {
@@ -581,7 +565,7 @@ pub fn set_capacity(dev: &Path) -> Result<(), PoolError> {
     // SAFETY: the fd is open for the call; LOOP_SET_CAPACITY takes no
     // argument.
     unsafe { ioctls::loop_set_capacity(f.as_raw_fd()) }.map_err(errno("LOOP_SET_CAPACITY", dev))?;
-    no_discard(dev)
+    Ok(())
 }
 
 /// Whether the loop device is open by anyone (a mount, kubelet's mapping, a
