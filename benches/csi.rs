@@ -53,20 +53,7 @@ async fn client(sock: PathBuf) -> ControllerClient<Channel> {
 }
 
 async fn create(c: &mut ControllerClient<Channel>, name: &str, bytes: u64) -> Volume {
-    c.create_volume(CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: bytes as i64,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![cap()],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .volume
-    .unwrap()
+    support::csi::create(c, name, bytes, cap(), None).await
 }
 
 /// Detaches every loop backed by a file under `dir` (the volumes), on drop.

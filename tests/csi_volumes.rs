@@ -22,6 +22,7 @@ use disklet::csi::proto::volume_capability::{
 };
 use disklet::csi::proto::volume_content_source::{SnapshotSource, Type as Src, VolumeSource};
 use disklet::csi::proto::*;
+use support::csi::create;
 use support::*;
 use tonic::transport::Channel;
 
@@ -128,30 +129,6 @@ fn block_cap() -> VolumeCapability {
         }),
         access_type: Some(AccessType::Block(BlockVolume {})),
     }
-}
-
-async fn create(
-    c: &mut ControllerClient<Channel>,
-    name: &str,
-    bytes: u64,
-    cap: VolumeCapability,
-    source: Option<Src>,
-) -> Volume {
-    c.create_volume(CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: bytes as i64,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![cap],
-        volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .volume
-    .unwrap()
 }
 
 async fn available(c: &mut ControllerClient<Channel>) -> (u64, u64) {

@@ -79,17 +79,15 @@ impl Driver {
 
     /// The pool with the most room, if it has `size` bytes available.
     fn roomiest(&self, size: u64) -> Result<PoolRef, Status> {
-        let mut best: Option<(u64, PoolRef)> = None;
-        let mut seen = Vec::new();
-        for p in self.pools()?.into_iter().filter(PoolRef::disk_present) {
-            let a = p.capacity()?.available;
-            seen.push(format!("{} {a} bytes", p.id));
-            if best.as_ref().is_none_or(|(b, _)| a > *b) {
-                best = Some((a, p));
-            }
-        }
+        let pools = self.available()?;
+        let seen: Vec<String> = pools
+            .iter()
+            .map(|(p, a)| format!("{} {a} bytes", p.id))
+            .collect();
+        // The first of the roomiest, in the pools' order.
+        let best = pools.into_iter().rev().max_by_key(|(_, a)| *a);
         match best {
-            Some((a, p)) if a >= size => Ok(p),
+            Some((p, a)) if a >= size => Ok(p),
             _ => Err(Status::resource_exhausted(format!(
                 "no pool on node {} has {size} bytes available (pools: {})",
                 self.node.name,
@@ -303,12 +301,9 @@ impl controller_server::Controller for Controller {
             }));
         }
         let (sum, max) = blocking(move || {
-            let (mut sum, mut max) = (0u64, 0u64);
-            for p in d.pools()?.into_iter().filter(PoolRef::disk_present) {
-                let a = p.capacity()?.available;
-                sum += a;
-                max = max.max(a);
-            }
+            let pools = d.available()?;
+            let sum = pools.iter().map(|(_, a)| a).sum::<u64>();
+            let max = pools.iter().map(|(_, a)| *a).max().unwrap_or(0);
             Ok((sum, max))
         })
         .await?;

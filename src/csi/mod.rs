@@ -113,12 +113,15 @@ pub struct Id {
 impl Id {
     pub fn parse(id: &str) -> Option<Id> {
         let (pool, name) = id.split_once('_')?;
-        let uuid_like =
-            !pool.is_empty() && pool.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-        (uuid_like && !name.is_empty()).then(|| Id {
+        (Id::is_pool(pool) && !name.is_empty()).then(|| Id {
             pool: pool.to_string(),
             name: name.to_string(),
         })
+    }
+
+    /// Whether `pool` can be a pool's id: a filesystem UUID's characters.
+    pub fn is_pool(pool: &str) -> bool {
+        !pool.is_empty() && pool.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
     }
 
     pub fn format(pool: &str, name: &str) -> String {

@@ -65,7 +65,7 @@ impl Driver {
                 let Some(id) = m.mount_point.file_name().and_then(|n| n.to_str()) else {
                     continue;
                 };
-                if Id::parse(&format!("{id}_x")).is_none() {
+                if !Id::is_pool(id) {
                     continue;
                 }
                 let pool = Pool::open(&m.mount_point).map_err(status)?;
@@ -77,6 +77,17 @@ impl Driver {
                     pool,
                 });
             }
+        }
+        Ok(out)
+    }
+
+    /// Each pool whose disk is present, with the bytes it has available:
+    /// what capacity is reported from and new volumes are placed by.
+    pub fn available(&self) -> Result<Vec<(PoolRef, u64)>, Status> {
+        let mut out = Vec::new();
+        for p in self.pools()?.into_iter().filter(PoolRef::disk_present) {
+            let a = p.capacity()?.available;
+            out.push((p, a));
         }
         Ok(out)
     }
