@@ -98,7 +98,12 @@ async fn main() {
         topology: [("kubernetes.io/hostname".to_string(), "bench".to_string())].into(),
         max_volumes: 1000,
     };
-    let driver = disklet::csi::Driver::new("csi.disklet.io".into(), cfg, node);
+    let driver = disklet::csi::Driver::new(
+        "csi.disklet.io".into(),
+        cfg,
+        node,
+        disklet::csi::Expansion::Controller,
+    );
     let sock = dir.join("csi.sock");
     let endpoint = format!("unix://{}", sock.display());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -32,6 +32,31 @@ staging_replaces() {
   sed -n "s#^\s*\(k8s.io/[a-z0-9-]*\) => \./staging/src/k8s.io/[a-z0-9-]*\$#\t\1 => \1 $staging_version#p" "$gomod"
 }
 
+# A sidecar's wrapper module: requires MODULE@VERSION with the release's own replace
+# lines (those to local paths left out) and imports PKG... in tools.go.
+sidecar_mod() { # DIR MODULE VERSION PKG...
+  local dir=$1 module=$2 version=$3 gomod name p
+  shift 3
+  name=$(basename "$dir")
+  gomod=$(cd / && go mod download -json "$module@$version" |
+    sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
+  [ -f "$gomod" ] || die "could not download $module@$version's go.mod"
+  mkdir -p "$dir"
+  {
+    printf 'module disklet.test/cluster/%s\n\ngo 1.26.0\n\nrequire %s %s\n\n' "$name" "$module" "$version"
+    printf '// Derived from %s@%s go.mod by scripts/test-cluster.sh sync-mod.\nreplace (\n' "$module" "$version"
+    sed -n -e 's#^replace \(.*=> [^.].*\)$#\1#p' -e '/^replace (/,/^)/{/=>/{/=> \./!p}}' "$gomod" |
+      sed 's/^\s*/\t/'
+    printf ')\n'
+  } >"$dir/go.mod"
+  {
+    printf '//go:build tools\n\n// Package tools pins %s for scripts/test-cluster.sh.\npackage tools\n\nimport (\n' "$name"
+    for p in "$@"; do printf '\t_ "%s"\n' "$p"; done
+    printf ')\n'
+  } >"$dir/tools.go"
+  (cd "$dir" && rm -f go.sum && go mod tidy)
+}
+
 sync_mod() {
   local replaces
   replaces=$(staging_replaces)
@@ -47,6 +72,15 @@ sync_mod() {
   (cd "$mods/etcd" && printf 'module disklet.test/cluster/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/csi-test" && printf 'module disklet.test/cluster/csi-test\n\ngo 1.26.0\n\nrequire github.com/kubernetes-csi/csi-test/v5 %s\n' "$CSI_TEST_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/kwok" && printf 'module disklet.test/cluster/kwok\n\ngo 1.26.0\n\nrequire sigs.k8s.io/kwok %s\n' "$KWOK_VERSION" >go.mod && rm -f go.sum && go mod tidy)
+  local p=github.com/kubernetes-csi
+  sidecar_mod "$mods/csi-provisioner" "$p/external-provisioner/v6" "$CSI_PROVISIONER_VERSION" \
+    "$p/external-provisioner/v6/cmd/csi-provisioner"
+  sidecar_mod "$mods/csi-snapshotter" "$p/external-snapshotter/v8" "$CSI_SNAPSHOTTER_VERSION" \
+    "$p/external-snapshotter/v8/cmd/csi-snapshotter" "$p/external-snapshotter/v8/cmd/snapshot-controller"
+  # The release replaces its client module with ./client: the same version from the proxy.
+  (cd "$mods/csi-snapshotter" && go get "$p/external-snapshotter/client/v8@$CSI_SNAPSHOTTER_VERSION" && go mod tidy)
+  sidecar_mod "$mods/csi-resizer" "$p/external-resizer/v2" "$CSI_RESIZER_VERSION" \
+    "$p/external-resizer/v2/cmd/csi-resizer"
 }
 
 # The committed replace block must be what the release's go.mod says today.
@@ -128,11 +162,34 @@ build() {
   cdir=$(key_dir csi-test "$CSI_TEST_VERSION" "$mods/csi-test")
   build_one csi-test "$CSI_TEST_VERSION" "$mods/csi-test" "" \
     github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
+  # The CSI sidecars and snapshot-controller (tests/csi_e2e.rs), and the VolumeSnapshot
+  # CRDs from the very client module the snapshotter was built with.
+  local p=github.com/kubernetes-csi pdir sdir rdir
+  pdir=$(key_dir csi-provisioner "$CSI_PROVISIONER_VERSION" "$mods/csi-provisioner")
+  sdir=$(key_dir csi-snapshotter "$CSI_SNAPSHOTTER_VERSION" "$mods/csi-snapshotter")
+  rdir=$(key_dir csi-resizer "$CSI_RESIZER_VERSION" "$mods/csi-resizer")
+  build_one csi-provisioner "$CSI_PROVISIONER_VERSION" "$mods/csi-provisioner" "" \
+    "$p/external-provisioner/v6/cmd/csi-provisioner"
+  build_one csi-snapshotter "$CSI_SNAPSHOTTER_VERSION" "$mods/csi-snapshotter" "" \
+    "$p/external-snapshotter/v8/cmd/csi-snapshotter" "$p/external-snapshotter/v8/cmd/snapshot-controller"
+  build_one csi-resizer "$CSI_RESIZER_VERSION" "$mods/csi-resizer" "" \
+    "$p/external-resizer/v2/cmd/csi-resizer"
+  if [ ! -f "$sdir/snapshot-crds.yaml" ]; then
+    local cd
+    cd=$(cd "$mods/csi-snapshotter" && go list -m -f '{{.Dir}}' "$p/external-snapshotter/client/v8")
+    for f in "$cd"/config/crd/snapshot.storage.k8s.io_*.yaml; do
+      echo "---"
+      cat "$f"
+    done >"$sdir/snapshot-crds.yaml.tmp"
+    mv "$sdir/snapshot-crds.yaml.tmp" "$sdir/snapshot-crds.yaml"
+  fi
   flock -u 9
-  # One dir of links, so callers need one PATH entry.
-  local bin="$cache/bin-$(basename "$kdir")-$(basename "$edir")-$(basename "$wdir")-$(basename "$cdir")"
+  # One dir of links, so callers need one PATH entry; named by what it links.
+  local bin
+  bin="$cache/bin-$(for d in "$kdir" "$edir" "$wdir" "$cdir" "$pdir" "$sdir" "$rdir"; do basename "$d"; done | sha256sum | cut -c1-12)"
   mkdir -p "$bin"
-  ln -sf "$cdir/csi-sanity" "$bin/"
+  ln -sf "$cdir/csi-sanity" "$pdir/csi-provisioner" "$sdir/csi-snapshotter" "$sdir/snapshot-controller" \
+    "$sdir/snapshot-crds.yaml" "$rdir/csi-resizer" "$bin/"
   ln -sf "$kdir"/kube-apiserver "$kdir"/kube-controller-manager "$kdir"/kube-scheduler "$kdir"/kubectl "$bin/"
   ln -sf "$edir/etcd" "$wdir/kwok" "$wdir/kwok-stages.yaml" "$bin/"
   echo "$bin"

@@ -94,6 +94,12 @@ enum Command {
         /// under csi-sanity): the hostname segment is the node name.
         #[arg(long)]
         no_api: bool,
+        /// Grow volumes in ControllerExpandVolume too. Off by default: the
+        /// DaemonSet runs a csi-resizer on every node, and those cannot tell
+        /// whose volume a claim is, so the volume grows in NodeExpandVolume on
+        /// its own node (README, CSI volumes).
+        #[arg(long)]
+        controller_expansion: bool,
     },
 }
 
@@ -178,26 +184,37 @@ fn main() -> ExitCode {
             driver_name,
             max_volumes,
             no_api,
+            controller_expansion,
         } => csi_main(
             &config,
-            endpoint,
-            node_name,
-            driver_name,
-            max_volumes,
-            no_api,
+            CsiArgs {
+                endpoint,
+                node_name,
+                driver_name,
+                max_volumes,
+                no_api,
+                expansion: if controller_expansion {
+                    disklet::csi::Expansion::Controller
+                } else {
+                    disklet::csi::Expansion::Node
+                },
+            },
         ),
     }
 }
 
-/// `disklet csi`: the config must name a pool, the endpoint be a socket.
-fn csi_main(
-    config: &PathBuf,
+/// `disklet csi`'s arguments after the config.
+struct CsiArgs {
     endpoint: String,
     node_name: String,
     driver_name: String,
     max_volumes: i64,
     no_api: bool,
-) -> ExitCode {
+    expansion: disklet::csi::Expansion,
+}
+
+/// `disklet csi`: the config must name a pool, the endpoint be a socket.
+fn csi_main(config: &PathBuf, args: CsiArgs) -> ExitCode {
     let cfg = match load_config(Some(config)) {
         Ok(c) => c,
         Err(code) => return code,
@@ -209,11 +226,11 @@ fn csi_main(
         );
         return ExitCode::from(EXIT_CONFIG as u8);
     }
-    if let Err(e) = disklet::csi::socket_path(&endpoint) {
+    if let Err(e) = disklet::csi::socket_path(&args.endpoint) {
         eprintln!("disklet: --endpoint: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }
-    match run_csi(cfg, endpoint, node_name, driver_name, max_volumes, no_api) {
+    match run_csi(cfg, args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("disklet csi: {e:#}");
@@ -222,14 +239,15 @@ fn csi_main(
     }
 }
 
-fn run_csi(
-    cfg: Config,
-    endpoint: String,
-    node_name: String,
-    driver_name: String,
-    max_volumes: i64,
-    no_api: bool,
-) -> anyhow::Result<()> {
+fn run_csi(cfg: Config, args: CsiArgs) -> anyhow::Result<()> {
+    let CsiArgs {
+        endpoint,
+        node_name,
+        driver_name,
+        max_volumes,
+        no_api,
+        expansion,
+    } = args;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -257,7 +275,7 @@ fn run_csi(
             topology,
             max_volumes,
         };
-        let driver = disklet::csi::Driver::new(driver_name, cfg, node);
+        let driver = disklet::csi::Driver::new(driver_name, cfg, node, expansion);
         disklet::csi::serve(driver, &endpoint, shutdown_signal()).await?;
         tracing::info!(
             "CSI driver stopped; volumes stay attached and mounted for the pods using them"

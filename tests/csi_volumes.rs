@@ -208,7 +208,9 @@ fn fs_bytes(target: &Path) -> u64 {
 }
 
 /// Grows a published volume to `bytes` as the resizer and kubelet would, and
-/// checks the filesystem shows it.
+/// checks the filesystem shows it: through ControllerExpandVolume then
+/// NodeExpandVolume, or (`on_node`, the driver's default under per-node
+/// resizers) through NodeExpandVolume alone with the new size.
 async fn grow(
     c: &mut ControllerClient<Channel>,
     n: &mut NodeClient<Channel>,
@@ -216,31 +218,39 @@ async fn grow(
     target: &Path,
     cap: &VolumeCapability,
     bytes: u64,
+    on_node: bool,
 ) {
     let small = fs_bytes(target);
-    let grown = c
-        .controller_expand_volume(ControllerExpandVolumeRequest {
+    let range = CapacityRange {
+        required_bytes: bytes as i64,
+        limit_bytes: 0,
+    };
+    if !on_node {
+        let grown = c
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                capacity_range: Some(range),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(grown.node_expansion_required);
+        assert_eq!(grown.capacity_bytes as u64, bytes);
+    }
+    let grown = n
+        .node_expand_volume(NodeExpandVolumeRequest {
             volume_id: v.volume_id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: bytes as i64,
-                limit_bytes: 0,
-            }),
+            volume_path: target.display().to_string(),
             volume_capability: Some(cap.clone()),
+            capacity_range: on_node.then_some(range),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    assert!(grown.node_expansion_required);
     assert_eq!(grown.capacity_bytes as u64, bytes);
-    n.node_expand_volume(NodeExpandVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        volume_path: target.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let big = fs_bytes(target);
     let added = bytes - v.capacity_bytes as u64;
     assert!(
@@ -353,10 +363,17 @@ async fn snapshots_and_clones_hold_their_moment_and_growth_shows_online() {
     let x = create(&mut c, "pvc-x", 320 * MIB, xcap.clone(), None).await;
     let tx = attach(&mut n, &rig.dir, &x, &xcap).await;
     write(&tx, "before growth");
-    grow(&mut c, &mut n, &x, &tx, &xcap, 384 * MIB).await;
+    grow(&mut c, &mut n, &x, &tx, &xcap, 384 * MIB, false).await;
+    assert_eq!(read(&tx), "before growth");
+    // And on the node alone, as under the DaemonSet's per-node resizers.
+    let x = Volume {
+        capacity_bytes: (384 * MIB) as i64,
+        ..x
+    };
+    grow(&mut c, &mut n, &x, &tx, &xcap, 448 * MIB, true).await;
     assert_eq!(read(&tx), "before growth");
     if has_cap_sys_resource() {
-        grow(&mut c, &mut n, &a, &ta, &cap, 128 * MIB).await;
+        grow(&mut c, &mut n, &a, &ta, &cap, 128 * MIB, true).await;
     } else {
         eprintln!("SKIPPED part of snapshots_and_clones_hold_their_moment_and_growth_shows_online: growing ext4 online: root here lacks CAP_SYS_RESOURCE, which the kernel's ext4 online resize requires (XFS was grown)");
     }

@@ -267,6 +267,8 @@ fn namespace_problems(objs: &[Value]) -> Vec<String> {
         "ClusterRole",
         "ClusterRoleBinding",
         "StorageClass",
+        "CSIDriver",
+        "VolumeSnapshotClass",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
     ];
@@ -825,6 +827,342 @@ fn the_block_overlay_adds_a_block_class_and_its_storage_class() {
     assert_clean("local-block", &storage_class_problems(&objs, "local-block"));
 }
 
+/// deploy/overlays/csi: the base unchanged (the agent's DaemonSet, RBAC and
+/// config contract hold), plus the CSI driver's objects, each field kubelet,
+/// the scheduler and the sidecars rely on. tests/csi_e2e.rs runs the real
+/// sidecars with these very args and this ServiceAccount's token.
+#[test]
+fn the_csi_overlay_serves_the_driver_with_its_sidecars_on_every_node() {
+    let Some(k) = kubectl("the_csi_overlay_serves_the_driver_with_its_sidecars_on_every_node")
+    else {
+        return;
+    };
+    let objs = render(&k, &repo().join("deploy/overlays/csi"));
+    // The base's contract, the CSI objects aside.
+    let csi_rbac = |o: &Value| {
+        name_of(o) == "disklet-csi"
+            && matches!(
+                kind_of(o),
+                "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+            )
+    };
+    let base: Vec<Value> = objs.iter().filter(|o| !csi_rbac(o)).cloned().collect();
+    let t = Target {
+        dir: "deploy/overlays/csi",
+        host_network: false,
+        storage_classes: &["local-fast"],
+    };
+    assert_clean(t.dir, &problems(&base, &t, IMAGE));
+
+    let mut p = Vec::new();
+    let driver = find(&objs, "CSIDriver", "csi.disklet.io");
+    want(
+        &mut p,
+        driver.is_some(),
+        "no CSIDriver csi.disklet.io".into(),
+    );
+    if let Some(d) = driver {
+        for (field, v) in [
+            ("attachRequired", json!(false)),
+            ("storageCapacity", json!(true)),
+            ("podInfoOnMount", json!(true)),
+            ("fsGroupPolicy", json!("File")),
+        ] {
+            let got = &d["spec"][field];
+            want(
+                &mut p,
+                got == &v,
+                format!("CSIDriver {field} is {got}, not {v}"),
+            );
+        }
+    }
+    // The pool class's StorageClass provisions through the driver.
+    let (_, text) = mounted_config(&objs).unwrap();
+    let cfg = parse_config(text).unwrap();
+    let pools: Vec<_> = cfg.classes.iter().filter(|c| c.is_pool()).collect();
+    want(
+        &mut p,
+        pools.len() == 1,
+        format!("{} pool classes, not 1", pools.len()),
+    );
+    for c in &pools {
+        let sc = find(&objs, "StorageClass", c.storage_class())
+            .cloned()
+            .unwrap_or_default();
+        for (field, v) in [
+            ("provisioner", json!("csi.disklet.io")),
+            ("volumeBindingMode", json!("WaitForFirstConsumer")),
+            ("allowVolumeExpansion", json!(true)),
+        ] {
+            want(
+                &mut p,
+                sc[field] == v,
+                format!(
+                    "StorageClass {}: {field} is {}, not {v}",
+                    c.storage_class(),
+                    sc[field]
+                ),
+            );
+        }
+    }
+    let vsc = find(&objs, "VolumeSnapshotClass", "disklet")
+        .cloned()
+        .unwrap_or_default();
+    want(
+        &mut p,
+        vsc["driver"] == "csi.disklet.io",
+        format!("VolumeSnapshotClass disklet: driver is {}", vsc["driver"]),
+    );
+
+    let ds = find(&objs, "DaemonSet", "disklet-csi")
+        .cloned()
+        .unwrap_or_default();
+    let spec = &ds["spec"]["template"]["spec"];
+    want(
+        &mut p,
+        spec["serviceAccountName"] == "disklet-csi",
+        format!("disklet-csi runs as {}", spec["serviceAccountName"]),
+    );
+    want(
+        &mut p,
+        spec["hostPID"] == true,
+        "disklet-csi: hostPID is not true".into(),
+    );
+    let agent_cm = &daemonset(&objs).unwrap()["spec"]["template"]["spec"]["volumes"];
+    let cm_of = |vols: &Value| {
+        vols.as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|v| v["configMap"]["name"].as_str().map(str::to_string))
+    };
+    want(
+        &mut p,
+        cm_of(&spec["volumes"]).is_some() && cm_of(&spec["volumes"]) == cm_of(agent_cm),
+        "disklet-csi does not mount the agent's ConfigMap".into(),
+    );
+    let host_path = |vol: &str| {
+        spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == vol)
+            .and_then(|v| v["hostPath"]["path"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let containers = spec["containers"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    want(
+        &mut p,
+        names
+            == [
+                "disklet-csi",
+                "csi-provisioner",
+                "csi-snapshotter",
+                "csi-resizer",
+                "node-driver-registrar",
+                "liveness-probe",
+            ],
+        format!("disklet-csi containers are {names:?}"),
+    );
+    let args = |c: &Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect()
+    };
+    let mount_of = |c: &Value, path: &str| -> Value {
+        c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"] == path)
+            .cloned()
+            .unwrap_or_default()
+    };
+    // Every container reaches the driver on one socket, in kubelet's plugin
+    // dir on the host, where node-driver-registrar tells kubelet it is.
+    let sock_dir = host_path("socket-dir");
+    want(
+        &mut p,
+        sock_dir == "/var/lib/kubelet/plugins/csi.disklet.io",
+        format!("the socket dir is {sock_dir}"),
+    );
+    for c in &containers {
+        let n = c["name"].as_str().unwrap_or("");
+        let a = args(c);
+        let m = mount_of(c, "/csi");
+        want(
+            &mut p,
+            m["name"] == "socket-dir",
+            format!("{n}: /csi is not the socket dir"),
+        );
+        let endpoint = if n == "disklet-csi" {
+            "--endpoint=unix:///csi/csi.sock"
+        } else {
+            "--csi-address=/csi/csi.sock"
+        };
+        want(
+            &mut p,
+            a.iter().any(|x| x == endpoint),
+            format!("{n}: no {endpoint}"),
+        );
+        if n != "disklet-csi" {
+            want(
+                &mut p,
+                c["securityContext"]["privileged"] != true
+                    && c["securityContext"]["allowPrivilegeEscalation"] == false,
+                format!("{n}: a sidecar must not be privileged"),
+            );
+            want(
+                &mut p,
+                !a.iter()
+                    .any(|x| x == "--leader-election" || x == "--leader-election=true"),
+                format!("{n}: leader election on a per-node sidecar"),
+            );
+        }
+    }
+    let c = |n: &str| {
+        containers
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let driver_c = c("disklet-csi");
+    want(
+        &mut p,
+        driver_c["image"] == IMAGE,
+        format!("disklet-csi image {}", driver_c["image"]),
+    );
+    want(
+        &mut p,
+        args(&driver_c)[0] == "csi",
+        "disklet-csi does not run `disklet csi`".into(),
+    );
+    let kubelet = mount_of(&driver_c, "/var/lib/kubelet");
+    want(
+        &mut p,
+        kubelet["mountPropagation"] == "Bidirectional"
+            && host_path(kubelet["name"].as_str().unwrap_or("")) == "/var/lib/kubelet",
+        "disklet-csi: kubelet's dir is not mounted Bidirectional (pods would not see the volumes)"
+            .into(),
+    );
+    let pools_mount = mount_of(&driver_c, "/var/lib/disklet");
+    want(
+        &mut p,
+        pools_mount["mountPropagation"] == "HostToContainer",
+        "disklet-csi: hostDir does not receive the agent's pool mounts (HostToContainer)".into(),
+    );
+    want(
+        &mut p,
+        driver_c["securityContext"]["privileged"] == true,
+        "disklet-csi must be privileged (loop devices, mounts)".into(),
+    );
+    let env_paths = |c: &Value| -> BTreeMap<String, String> {
+        c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_string(),
+                    e["valueFrom"]["fieldRef"]["fieldPath"]
+                        .as_str()?
+                        .to_string(),
+                ))
+            })
+            .collect()
+    };
+    for (n, flags, envs) in [
+        (
+            "csi-provisioner",
+            &[
+                "--node-deployment",
+                "--enable-capacity",
+                "--strict-topology",
+            ][..],
+            &[
+                ("NODE_NAME", "spec.nodeName"),
+                ("NAMESPACE", "metadata.namespace"),
+                ("POD_NAME", "metadata.name"),
+            ][..],
+        ),
+        (
+            "csi-snapshotter",
+            &["--node-deployment"][..],
+            &[("NODE_NAME", "spec.nodeName")][..],
+        ),
+        (
+            "disklet-csi",
+            &[][..],
+            &[("NODE_NAME", "spec.nodeName")][..],
+        ),
+    ] {
+        let a = args(&c(n));
+        for f in flags {
+            want(&mut p, a.iter().any(|x| x == f), format!("{n}: no {f}"));
+        }
+        let e = env_paths(&c(n));
+        for (k, v) in envs {
+            want(
+                &mut p,
+                e.get(*k).map(String::as_str) == Some(*v),
+                format!("{n}: env {k} is not from {v}"),
+            );
+        }
+    }
+    let reg = c("node-driver-registrar");
+    want(
+        &mut p,
+        args(&reg).contains(&format!("--kubelet-registration-path={sock_dir}/csi.sock")),
+        format!("node-driver-registrar registers {:?}", args(&reg)),
+    );
+    want(
+        &mut p,
+        host_path(
+            mount_of(&reg, "/registration")["name"]
+                .as_str()
+                .unwrap_or(""),
+        ) == "/var/lib/kubelet/plugins_registry",
+        "node-driver-registrar: /registration is not kubelet's plugins_registry".into(),
+    );
+    // The sidecars' account is their own: the agent's gains nothing.
+    let crb = find(&objs, "ClusterRoleBinding", "disklet-csi")
+        .cloned()
+        .unwrap_or_default();
+    want(
+        &mut p,
+        crb["subjects"]
+            == json!([{"kind": "ServiceAccount", "name": "disklet-csi", "namespace": NAMESPACE}]),
+        format!("ClusterRoleBinding disklet-csi binds {}", crb["subjects"]),
+    );
+    for role in objs
+        .iter()
+        .filter(|o| csi_rbac(o) && kind_of(o).ends_with("Role"))
+    {
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            let text = rule.to_string();
+            want(
+                &mut p,
+                !text.contains("\"*\""),
+                format!("{} {}: a wildcard: {text}", kind_of(role), name_of(role)),
+            );
+            want(
+                &mut p,
+                !text.contains("secrets"),
+                format!("{} {}: secrets: {text}", kind_of(role), name_of(role)),
+            );
+        }
+    }
+    assert_clean("deploy/overlays/csi", &p);
+}
+
 #[test]
 fn the_image_can_be_overridden_from_a_kustomization_of_ones_own() {
     let Some(k) = kubectl("the_image_can_be_overridden_from_a_kustomization_of_ones_own") else {
@@ -1335,6 +1673,16 @@ fn every_object_validates_against_the_kubernetes_schemas() {
     for t in TARGETS {
         add(t.dir, render_target(&k, t));
     }
+    // The csi overlay's built-in kinds; its VolumeSnapshotClass is a CRD's,
+    // which this validator has no schema for: tests/csi_e2e.rs applies it to
+    // a real apiserver with the CRDs installed.
+    add(
+        "deploy/overlays/csi",
+        render(&k, &repo().join("deploy/overlays/csi"))
+            .into_iter()
+            .filter(|o| kind_of(o) != "VolumeSnapshotClass")
+            .collect(),
+    );
     for example in ["dev-node.yaml", "statefulset.yaml"] {
         let text = std::fs::read_to_string(repo().join("deploy/examples").join(example)).unwrap();
         add(example, parse_docs(&text));

@@ -319,16 +319,17 @@ impl controller_server::Controller for Controller {
         _: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         use rpc::Type as T;
+        let expand = (self.0.expansion == super::Expansion::Controller).then_some(T::ExpandVolume);
         let capabilities = [
             T::CreateDeleteVolume,
             T::GetCapacity,
             T::CreateDeleteSnapshot,
             T::ListSnapshots,
             T::CloneVolume,
-            T::ExpandVolume,
             T::SingleNodeMultiWriter,
         ]
         .into_iter()
+        .chain(expand)
         .map(|t| ControllerServiceCapability {
             r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
         })
@@ -438,14 +439,7 @@ impl controller_server::Controller for Controller {
         let guard = d.lock(&[&id])?;
         let size = blocking(move || {
             let _g = guard;
-            let (p, e) = d.volume(&id)?;
-            let want = caps::size_for(Some(&range), e.size)?;
-            if want <= e.size {
-                return Ok(e.size);
-            }
-            let e = p.pool.expand_volume(&e.id, want).map_err(status)?;
-            tracing::info!(volume = id, bytes = e.size, "volume grown");
-            Ok(e.size)
+            d.grow(&id, Some(&range))
         })
         .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {

@@ -49,20 +49,38 @@ pub struct NodeFacts {
     pub max_volumes: i64,
 }
 
+/// Where a volume's backing file grows when its claim asks for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expansion {
+    /// In NodeExpandVolume, on the node that holds the volume; the controller
+    /// service does not offer EXPAND_VOLUME, so the external-resizer only
+    /// records the new size (its "trivial resizer"). The default: the
+    /// DaemonSet runs one csi-resizer per node, and csi-resizer v2.3 cannot
+    /// tell which node a volume lives on (kubernetes-csi/external-resizer#142),
+    /// so a ControllerExpandVolume would reach every node and all but one
+    /// would fail it as NotFound, marking the claim's expansion infeasible.
+    Node,
+    /// In ControllerExpandVolume as well, for a single resizer that only
+    /// reaches this node (csi-sanity, a one-node cluster).
+    Controller,
+}
+
 /// What every service shares.
 pub struct Driver {
     pub name: String,
     pub cfg: Config,
     pub node: NodeFacts,
+    pub expansion: Expansion,
     locks: Mutex<HashSet<String>>,
 }
 
 impl Driver {
-    pub fn new(name: String, cfg: Config, node: NodeFacts) -> Arc<Driver> {
+    pub fn new(name: String, cfg: Config, node: NodeFacts, expansion: Expansion) -> Arc<Driver> {
         Arc::new(Driver {
             name,
             cfg,
             node,
+            expansion,
             locks: Mutex::new(HashSet::new()),
         })
     }

@@ -208,7 +208,13 @@ impl Driver {
         })
     }
 
-    fn expand(&self, id: &str, path: &Path) -> Result<u64, Status> {
+    /// NodeExpandVolume: the backing file grown first when the driver
+    /// expands on the node (`Expansion::Node`), then the loop device's size
+    /// and the filesystem.
+    fn expand(&self, id: &str, path: &Path, range: Option<&CapacityRange>) -> Result<u64, Status> {
+        if self.expansion == super::Expansion::Node && range.is_some() {
+            self.grow(id, range)?;
+        }
         let (_, e) = self.volume(id)?;
         let Some(dev) = pool::attached(&e.path) else {
             return Err(Status::failed_precondition(format!(
@@ -326,9 +332,10 @@ impl node_server::Node for Node {
         let path = path_arg(&r.volume_path, "volume path")?;
         let d = self.0.clone();
         let guard = d.lock(&[&id])?;
+        let range = r.capacity_range;
         let size = blocking(move || {
             let _g = guard;
-            d.expand(&id, &path)
+            d.expand(&id, &path, range.as_ref())
         })
         .await?;
         Ok(Response::new(NodeExpandVolumeResponse {

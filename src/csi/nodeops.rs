@@ -111,9 +111,21 @@ pub fn mkfs(dev: &Path, fs_type: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Mounts a volume's filesystem. XFS with `nouuid`: a restored or cloned
+/// volume is a reflink copy of its source, superblock UUID included, and XFS
+/// refuses to mount a second filesystem with a mounted one's UUID (EINVAL).
+/// The option changes nothing on the disk; the tenant's filesystem is left
+/// as it was written.
 pub fn mount_fs(dev: &Path, target: &Path, fs_type: &str, flags: &[String]) -> Result<(), Status> {
     std::fs::create_dir_all(target).map_err(|e| internal("cannot create", target, e))?;
-    let (ms, data) = crate::host::mounter::split_options(flags);
+    let (ms, mut data) = crate::host::mounter::split_options(flags);
+    if fs_type == "xfs" && !data.split(',').any(|o| o == "nouuid") {
+        data = if data.is_empty() {
+            "nouuid".to_string()
+        } else {
+            format!("{data},nouuid")
+        };
+    }
     let data = (!data.is_empty()).then_some(data.as_str());
     mount(Some(dev), target, Some(fs_type), ms, data)
         .map_err(|e| internal(&format!("cannot mount {} at", dev.display()), target, e))

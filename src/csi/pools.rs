@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use tonic::Status;
 
-use super::{status, Driver, Id};
+use super::proto::CapacityRange;
+use super::{caps, status, Driver, Id};
 use crate::host::mountinfo::read_consistent;
 use crate::host::pool::{Capacity, Entry, Pool};
 use crate::model::DevNo;
@@ -119,6 +120,19 @@ impl Driver {
             )),
             Err(e) => Err(status(e)),
         }
+    }
+
+    /// Grows volume `volume_id`'s backing file to what `range` asks for
+    /// (never shrinks it); its size after.
+    pub fn grow(&self, volume_id: &str, range: Option<&CapacityRange>) -> Result<u64, Status> {
+        let (p, e) = self.volume(volume_id)?;
+        let want = caps::size_for(range, e.size)?;
+        if want <= e.size {
+            return Ok(e.size);
+        }
+        let e = p.pool.expand_volume(&e.id, want).map_err(status)?;
+        tracing::info!(volume = volume_id, bytes = e.size, "volume grown");
+        Ok(e.size)
     }
 
     /// A volume or snapshot named `name` in any pool, for idempotent creates.
