@@ -10,14 +10,18 @@
 //! - CreateSnapshot of a 10 GiB volume with 5 GiB written (expected O(1))
 //!   against a full copy of that volume file (`cp --reflink=never`).
 //!
-//! I/O throughput of a volume against the raw pool device is measured by
-//! `scripts/pool-backends.sh` (fio; DESIGN.md has the figures).
+//! - fio through a 2 GiB Block volume (its loop device, direct I/O, as the
+//!   driver attaches it) against the raw pool device before it was
+//!   formatted: sequential read and write (1 MiB, depth 8), random read and
+//!   write (4 KiB, depth 32), both written over once first, 10 s each
+//!   (`DISKLET_BENCH_FIO_SECS`).
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use disklet::csi::proto::controller_client::ControllerClient;
@@ -37,6 +41,62 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The fio jobs: (label, rw, block size, depth).
+const FIO_JOBS: [(&str, &str, &str, u32); 4] = [
+    ("seq write 1M", "write", "1M", 8),
+    ("seq read 1M", "read", "1M", 8),
+    ("rand write 4k", "randwrite", "4k", 32),
+    ("rand read 4k", "randread", "4k", 32),
+];
+
+/// One fio job on `target` over its first `bytes`: MiB/s and IOPS.
+fn fio(target: &std::path::Path, rw: &str, bs: &str, depth: u32, bytes: u64) -> (f64, f64) {
+    let secs = std::env::var("DISKLET_BENCH_FIO_SECS").unwrap_or_else(|_| "10".into());
+    let out = sh(&[
+        "fio",
+        "--name=j",
+        &format!("--filename={}", target.display()),
+        &format!("--rw={rw}"),
+        &format!("--bs={bs}"),
+        &format!("--iodepth={depth}"),
+        &format!("--size={bytes}"),
+        "--ioengine=libaio",
+        "--direct=1",
+        "--time_based",
+        &format!("--runtime={secs}"),
+        "--output-format=json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let job = &j["jobs"][0];
+    let r = if job["read"]["io_bytes"].as_u64().unwrap_or(0) > 0 {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    (
+        r["bw"].as_f64().unwrap() / 1024.0,
+        r["iops"].as_f64().unwrap(),
+    )
+}
+
+/// Every fio job on `target`, written over once first (reads then read
+/// written blocks, writes overwrite).
+fn fio_suite(target: &std::path::Path, bytes: u64) -> Vec<(f64, f64)> {
+    sh(&[
+        "dd",
+        "if=/dev/zero",
+        &format!("of={}", target.display()),
+        "bs=4M",
+        &format!("count={}", bytes >> 22),
+        "oflag=direct",
+        "status=none",
+    ]);
+    FIO_JOBS
+        .iter()
+        .map(|(_, rw, bs, depth)| fio(target, rw, bs, *depth, bytes))
+        .collect()
 }
 
 fn cap() -> VolumeCapability {
@@ -74,6 +134,12 @@ async fn main() {
     let dir = tmp.path();
     let disk = Loop::new(&dir.join("disks"), "pool", 24 * 1024);
     disk.assert_ours();
+    // The raw pool device, before it is formatted: the fio baseline.
+    let fio_ok = Command::new("fio").arg("--version").output().is_ok();
+    if !fio_ok {
+        println!("SKIPPED fio: fio is not installed (scripts/setup-debian.sh installs it)");
+    }
+    let raw = fio_ok.then(|| fio_suite(Path::new(disk.path()), 2 * GIB));
     let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
     let uuid = uuid.trim();
     sh(&[
@@ -211,6 +277,29 @@ async fn main() {
         snap.as_secs_f64() / floor.as_secs_f64()
     );
     std::fs::remove_file(&rl).unwrap();
+
+    // A volume's I/O against the raw pool device's, both measured here.
+    if let Some(raw) = raw {
+        let v = create(&mut c, "pvc-fio", 2 * GIB).await;
+        let id = v.volume_id.split_once('_').unwrap().1.to_string();
+        let dev = disklet::host::pool::attach(&mount.join("pool/volumes").join(&id)).unwrap();
+        let vol = fio_suite(&dev, 2 * GIB);
+        disklet::host::pool::detach(&dev).unwrap();
+        println!(
+            "fio, a 2 GiB volume (loop on a pool file, direct I/O) against the raw pool device:"
+        );
+        for (((label, ..), r), v) in FIO_JOBS.iter().zip(&raw).zip(&vol) {
+            let (unit, rv, vv) = if label.starts_with("seq") {
+                ("MiB/s", r.0, v.0)
+            } else {
+                ("IOPS", r.1, v.1)
+            };
+            println!(
+                "  {label}: volume {vv:.0} {unit}, raw {rv:.0} {unit}; ratio {:.2}",
+                vv / rv
+            );
+        }
+    }
     let _ = stop.send(());
     server.await.unwrap();
 }

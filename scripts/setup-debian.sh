@@ -9,5 +9,5 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   pkg-config libudev-dev \
   util-linux fdisk e2fsprogs xfsprogs btrfs-progs cryptsetup-bin \
-  udev perl openssl >/dev/null
+  udev perl openssl fio >/dev/null
 echo "setup-debian: packages installed"

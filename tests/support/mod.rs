@@ -7,6 +7,7 @@ pub mod agent;
 pub mod binder;
 pub mod cluster;
 pub mod csi;
+pub mod csi_cluster;
 pub mod load;
 
 use std::io::{BufRead, BufReader, Write};
