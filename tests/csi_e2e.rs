@@ -173,6 +173,15 @@ async fn claims_go_where_capacity_is_and_a_deleted_claims_space_reads_zeroes() {
     );
     for (pv, node) in [(&pv0, &nodes[0]), (&pv1, &nodes[1])] {
         assert_eq!(pv_bytes(pv), size * MIB, "{}", name_of(pv));
+        // HonorPVReclaimPolicy: the PV is not gone before DeleteVolume ran,
+        // whichever of claim and PV is deleted first.
+        let fin = pv.metadata.finalizers.clone().unwrap_or_default();
+        assert!(
+            fin.iter()
+                .any(|f| f == "external-provisioner.volume.kubernetes.io/finalizer"),
+            "{}: finalizers {fin:?}",
+            name_of(pv)
+        );
         assert!(node == &a.rig.node || node == &b.rig.node, "{node}");
     }
     // The pods run where their volumes are.
@@ -299,7 +308,7 @@ async fn snapshots_clones_and_growth_through_the_sidecars() {
         json!({"parameters": {"csi.storage.k8s.io/fstype": "xfs"}}),
     )
     .await;
-    let node = csi_node(&s, "s1", &sc, 2048).await;
+    let mut node = csi_node(&s, "s1", &sc, 2048).await;
     let n = node.rig.node.clone();
     let ns = s.namespace("snap").await;
 
@@ -429,6 +438,35 @@ async fn snapshots_clones_and_growth_through_the_sidecars() {
         std::fs::read_to_string(t.join("data")).unwrap(),
         "written after the snapshot"
     );
+
+    // The CSI pod restarted (driver, sidecars and agent; mounts kept): the
+    // published volume is still there, and kubelet's repeated calls are no-ops.
+    node.restart();
+    assert_eq!(
+        std::fs::read_to_string(t.join("data")).unwrap(),
+        "written after the snapshot"
+    );
+    assert_eq!(kubelet_mount(&node, &grown).await, t);
+    // A reboot: every mount and loop device gone, the agent mounts the pool
+    // again, and kubelet stages and publishes each volume anew: each holds
+    // its data, the grown one its new size.
+    node.reboot();
+    assert!(
+        !t.join("data").exists(),
+        "the reboot left {} mounted",
+        t.display()
+    );
+    let t = kubelet_mount(&node, &grown).await;
+    let tr = kubelet_mount(&node, &restored).await;
+    let tc = kubelet_mount(&node, &clone).await;
+    for (target, want) in [
+        (&t, "written after the snapshot"),
+        (&tr, "the moment of the snapshot"),
+        (&tc, "the clone's own"),
+    ] {
+        assert_eq!(std::fs::read_to_string(target.join("data")).unwrap(), want);
+    }
+    assert!(fs_bytes(&t) >= big, "the growth did not survive the reboot");
 
     // Everything given back: the pool holds nothing once the claims and the
     // snapshot are gone.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::agent::MountSweeper;
 use support::cluster::*;
+use support::csi_cluster::pool_mount;
 
 /// `disklet csi` as a process, killed on drop.
 struct Driver(Child);
@@ -64,22 +65,6 @@ impl Drop for VolumeSweeper {
     fn drop(&mut self) {
         MountSweeper(self.0.join("sanity")).sweep();
         support::detach_loops_under(&self.0.join("hostdir"));
-    }
-}
-
-/// The pool's mount point, once the agent has mounted it.
-fn pool_mount(hostdir: &Path) -> PathBuf {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(m) = MountSweeper::mounts_under(hostdir).into_iter().next() {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent mounted no pool under {} within 60 s",
-            hostdir.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

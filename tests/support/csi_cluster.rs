@@ -91,13 +91,16 @@ pub fn snapshot_infra(s: &Scope) {
 /// sidecars and driver stopped, the test's kubelet mounts and the volumes'
 /// loop devices undone, then the rig (agent, pool mount, loops).
 pub struct CsiNode {
-    _sidecars: Vec<Proc>,
-    _driver: Proc,
+    /// The sidecars, then the driver.
+    procs: Vec<Proc>,
     _volumes: VolumeSweeper,
     pub sock: PathBuf,
     /// Where the pool is mounted.
     pub pool: PathBuf,
     pub rig: NodeRig,
+    kubeconfig: PathBuf,
+    pod_name: String,
+    bin: PathBuf,
 }
 
 /// The test's kubelet mounts under the rig's kubelet dir and the volumes'
@@ -127,31 +130,8 @@ pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
     // this node, for the driver and every sidecar, as in the overlay.
     let pod = daemonset_pod_of(s, "disklet-csi", &rig.node).await;
     let token = s.pod_token(&pod).await;
-    let kc = dir.join("csi.kubeconfig");
-    s.cluster.kubeconfig_with_token(&kc, &token);
-    let kcarg = format!("--kubeconfig={}", kc.display());
-
-    let sock = dir.join("csi.sock");
-    let driver = overlay_containers()
-        .iter()
-        .find(|c| c.name == "disklet-csi")
-        .unwrap();
-    assert_eq!(driver.args, ["csi", "--endpoint=unix:///csi/csi.sock"]);
-    let driver = spawn(
-        &dir,
-        "disklet-csi",
-        Command::new(env!("CARGO_BIN_EXE_disklet"))
-            .args(["csi", "--node-name", &rig.node])
-            .arg(format!("--endpoint=unix://{}", sock.display()))
-            .arg("--config")
-            .arg(dir.join("agent.yaml"))
-            .env("KUBECONFIG", &kc),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "disklet csi made no socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let kubeconfig = dir.join("csi.kubeconfig");
+    s.cluster.kubeconfig_with_token(&kubeconfig, &token);
     // What node-driver-registrar and kubelet would register.
     s.apply_json(&json!({
         "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
@@ -160,51 +140,105 @@ pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
             "topologyKeys": ["kubernetes.io/hostname"], "allocatable": {"count": 1000}}]},
     }))
     .await;
-
-    // The sidecars as deploy/overlays/csi runs them: its containers' args
-    // and fieldRef envs, with this node's socket, token and names put in, and
-    // faster retries and more logging for the test.
-    let pod_name = pod.metadata.name.clone().unwrap();
-    let field = |path: &str| match path {
-        "spec.nodeName" => rig.node.clone(),
-        "metadata.namespace" => NS.to_string(),
-        "metadata.name" => pod_name.clone(),
-        other => panic!("the overlay sets an env from {other}, which this test does not know"),
-    };
-    let mut sidecars = Vec::new();
-    for c in overlay_containers() {
-        if !["csi-provisioner", "csi-snapshotter", "csi-resizer"].contains(&c.name.as_str()) {
-            continue;
-        }
-        let mut cmd = Command::new(s.cluster.bin.join(&c.name));
-        for a in &c.args {
-            match a.as_str() {
-                "--csi-address=/csi/csi.sock" => {
-                    cmd.arg(format!("--csi-address={}", sock.display()))
-                }
-                a => cmd.arg(a),
-            };
-        }
-        cmd.arg(&kcarg)
-            .args(["--retry-interval-start=200ms", "--v=3"]);
-        for (k, path) in &c.env {
-            cmd.env(k, field(path));
-        }
-        sidecars.push(spawn(&dir, &c.name, &mut cmd));
-    }
-    assert_eq!(
-        sidecars.len(),
-        3,
-        "the overlay's sidecars: {:?}",
-        overlay_containers()
-    );
-    CsiNode {
-        _sidecars: sidecars,
-        _driver: driver,
+    let mut node = CsiNode {
+        procs: Vec::new(),
         _volumes: volumes,
-        sock,
+        sock: dir.join("csi.sock"),
         pool,
         rig,
+        kubeconfig,
+        pod_name: pod.metadata.name.clone().unwrap(),
+        bin: s.cluster.bin.clone(),
+    };
+    node.start();
+    node
+}
+
+impl CsiNode {
+    /// Starts `disklet csi` and, once its socket is there, the sidecars as
+    /// deploy/overlays/csi runs them: its containers' args and fieldRef envs,
+    /// with this node's socket, token and names put in, and faster retries
+    /// and more logging for the test.
+    fn start(&mut self) {
+        let dir = self.rig.path().to_path_buf();
+        let sock = self.sock.clone();
+        let _ = std::fs::remove_file(&sock);
+        let driver = overlay_containers()
+            .iter()
+            .find(|c| c.name == "disklet-csi")
+            .unwrap();
+        assert_eq!(driver.args, ["csi", "--endpoint=unix:///csi/csi.sock"]);
+        let driver = spawn(
+            &dir,
+            "disklet-csi",
+            Command::new(env!("CARGO_BIN_EXE_disklet"))
+                .args(["csi", "--node-name", &self.rig.node])
+                .arg(format!("--endpoint=unix://{}", sock.display()))
+                .arg("--config")
+                .arg(dir.join("agent.yaml"))
+                .env("KUBECONFIG", &self.kubeconfig),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "disklet csi made no socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let field = |path: &str| match path {
+            "spec.nodeName" => self.rig.node.clone(),
+            "metadata.namespace" => NS.to_string(),
+            "metadata.name" => self.pod_name.clone(),
+            other => panic!("the overlay sets an env from {other}, which this test does not know"),
+        };
+        let mut procs = Vec::new();
+        for c in overlay_containers() {
+            if !["csi-provisioner", "csi-snapshotter", "csi-resizer"].contains(&c.name.as_str()) {
+                continue;
+            }
+            let mut cmd = Command::new(self.bin.join(&c.name));
+            for a in &c.args {
+                match a.as_str() {
+                    "--csi-address=/csi/csi.sock" => {
+                        cmd.arg(format!("--csi-address={}", sock.display()))
+                    }
+                    a => cmd.arg(a),
+                };
+            }
+            cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+                .args(["--retry-interval-start=200ms", "--v=3"]);
+            for (k, path) in &c.env {
+                cmd.env(k, field(path));
+            }
+            procs.push(spawn(&dir, &c.name, &mut cmd));
+        }
+        assert_eq!(
+            procs.len(),
+            3,
+            "the overlay's sidecars: {:?}",
+            overlay_containers()
+        );
+        // Dropped last: the sidecars stop before the driver they call.
+        procs.push(driver);
+        self.procs = procs;
+    }
+
+    /// The pod restarts: driver, sidecars and agent killed and started again;
+    /// every mount stays, as it does for a container restart.
+    pub fn restart(&mut self) {
+        self.procs.clear();
+        self.rig.restart();
+        self.start();
+    }
+
+    /// A reboot: the processes killed, every mount gone (kubelet's and the
+    /// pool's) and every volume's loop device detached, then the agent (which
+    /// mounts the pool disk again), the driver and the sidecars started.
+    pub fn reboot(&mut self) {
+        self.procs.clear();
+        MountSweeper(self.rig.path().join("kubelet")).sweep();
+        super::detach_loops_under(&self.rig.path().join("hostdir"));
+        self.rig.pull(|_| false);
+        self.pool = pool_mount(&self.rig.path().join("hostdir"));
+        self.start();
     }
 }
 
