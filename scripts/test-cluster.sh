@@ -361,11 +361,20 @@ AP
 
 # Stops what `up DIR` started: each pid in DIR/pids, and only while that pid still
 # runs a command line naming DIR (a pid the kernel gave to someone else is left alone).
+# Pids a test added there (e.g. snapshot-controller) go first, the apiserver's clients
+# before it, etcd last.
 down() {
-  local dir=${1:?usage: down DIR} f pid name
+  local dir=${1:?usage: down DIR} f pid name extra=""
   [ -d "$dir/pids" ] || return 0
   dir=$(cd "$dir" && pwd)
-  for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+  for f in "$dir"/pids/*; do
+    [ -f "$f" ] || continue
+    case "$(basename "$f")" in
+      kwok | kube-scheduler | kube-controller-manager | kube-apiserver | etcd) ;;
+      *) extra="$extra $(basename "$f")" ;;
+    esac
+  done
+  for name in $extra kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     f="$dir/pids/$name"
     [ -f "$f" ] || continue
     pid=$(cat "$f")

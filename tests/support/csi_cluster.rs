@@ -71,7 +71,7 @@ pub fn snapshot_infra(s: &Scope) {
         ]);
         s.cluster.kubectl(&["apply", "-k", "deploy/overlays/csi"]);
         let dir = s.cluster.dir.join("logs");
-        spawn(
+        let p = spawn(
             &dir,
             "snapshot-controller",
             Command::new(s.cluster.bin.join("snapshot-controller"))
@@ -82,7 +82,15 @@ pub fn snapshot_infra(s: &Scope) {
                     "--retry-interval-start=200ms",
                     "--v=3",
                 ]),
+        );
+        // A static is never dropped: the cluster's watcher stops it with the
+        // cluster when this binary exits (scripts/test-cluster.sh down).
+        std::fs::write(
+            s.cluster.dir.join("pids/snapshot-controller"),
+            p.0.id().to_string(),
         )
+        .unwrap();
+        p
     });
 }
 
