@@ -439,6 +439,21 @@ async fn a_deleted_volumes_space_reads_zeroes_in_the_next_volume() {
     else {
         return;
     };
+    // A StorageClass parameter the driver does not know is refused by name,
+    // and nothing is taken from the pool.
+    let (free, _) = available(&mut c).await;
+    let e = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-typo".into(),
+            volume_capabilities: vec![block_cap()],
+            parameters: [("fsType".to_string(), "xfs".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("\"fsType\""), "{e}");
+    assert_eq!(available(&mut c).await.0, free);
     // As big as the pool allows: the next volume must reuse these blocks.
     let (_, max) = available(&mut c).await;
     let size = max / MIB * MIB;

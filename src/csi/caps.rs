@@ -151,6 +151,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parameters_other_than_the_sidecars_are_refused_by_name() {
+        let p = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(parameters(&p(&[])).is_ok());
+        assert!(parameters(&p(&[
+            ("csi.storage.k8s.io/fstype", "xfs"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+        ]))
+        .is_ok());
+        let e = parameters(&p(&[
+            ("csi.storage.k8s.io/fstype", "xfs"),
+            ("fsType", "xfs"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("\"fsType\""), "{}", e.message());
+    }
+
+    #[test]
     fn sizes_round_to_mib_within_the_range() {
         let r = |req, lim| {
             Some(CapacityRange {
@@ -213,5 +235,24 @@ mod tests {
             &node,
             Some(&req(vec![seg(&[("zone", "a"), ("rack", "r1")])]))
         ));
+    }
+}
+
+/// A CreateVolume's parameters (the StorageClass's, with the sidecars'
+/// `csi.storage.k8s.io/` ones): disklet takes none of its own, so any other
+/// key is a typo or a setting meant for another driver, refused by name
+/// rather than ignored.
+pub fn parameters(p: &HashMap<String, String>) -> Result<(), Status> {
+    let mut unknown: Vec<&str> = p
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !k.starts_with("csi.storage.k8s.io/"))
+        .collect();
+    unknown.sort();
+    match unknown.first() {
+        None => Ok(()),
+        Some(k) => Err(Status::invalid_argument(format!(
+            "StorageClass parameter {k:?} is not one of disklet's: it takes none but csi.storage.k8s.io/fstype (ext4 or xfs); remove it from the StorageClass"
+        ))),
     }
 }

@@ -211,6 +211,7 @@ impl controller_server::Controller for Controller {
         let r = req.into_inner();
         let name = required(&r.name, "name")?.to_string();
         caps::require_all(&r.volume_capabilities)?;
+        caps::parameters(&r.parameters)?;
         let size = caps::size_for(r.capacity_range.as_ref(), DEFAULT_VOLUME_BYTES)?;
         let d = self.0.clone();
         if !caps::reachable(&d.node.topology, r.accessibility_requirements.as_ref()) {
