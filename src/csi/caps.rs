@@ -146,6 +146,25 @@ pub fn topology(node: &BTreeMap<String, String>) -> Topology {
     }
 }
 
+/// A CreateVolume's parameters (the StorageClass's, with the sidecars'
+/// `csi.storage.k8s.io/` ones): disklet takes none of its own, so any other
+/// key is a typo or a setting meant for another driver, refused by name
+/// rather than ignored.
+pub fn parameters(p: &HashMap<String, String>) -> Result<(), Status> {
+    let mut unknown: Vec<&str> = p
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !k.starts_with("csi.storage.k8s.io/"))
+        .collect();
+    unknown.sort();
+    match unknown.first() {
+        None => Ok(()),
+        Some(k) => Err(Status::invalid_argument(format!(
+            "StorageClass parameter {k:?} is not one of disklet's: it takes none but csi.storage.k8s.io/fstype (ext4 or xfs); remove it from the StorageClass"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,24 +254,5 @@ mod tests {
             &node,
             Some(&req(vec![seg(&[("zone", "a"), ("rack", "r1")])]))
         ));
-    }
-}
-
-/// A CreateVolume's parameters (the StorageClass's, with the sidecars'
-/// `csi.storage.k8s.io/` ones): disklet takes none of its own, so any other
-/// key is a typo or a setting meant for another driver, refused by name
-/// rather than ignored.
-pub fn parameters(p: &HashMap<String, String>) -> Result<(), Status> {
-    let mut unknown: Vec<&str> = p
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !k.starts_with("csi.storage.k8s.io/"))
-        .collect();
-    unknown.sort();
-    match unknown.first() {
-        None => Ok(()),
-        Some(k) => Err(Status::invalid_argument(format!(
-            "StorageClass parameter {k:?} is not one of disklet's: it takes none but csi.storage.k8s.io/fstype (ext4 or xfs); remove it from the StorageClass"
-        ))),
     }
 }
