@@ -454,6 +454,30 @@ async fn a_deleted_volumes_space_reads_zeroes_in_the_next_volume() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("\"fsType\""), "{e}");
     assert_eq!(available(&mut c).await.0, free);
+    // A restore whose snapshot is in another node's pool (the scheduler put
+    // the pod elsewhere): NOT_FOUND, saying where a restore is made.
+    let elsewhere = "00000000-0000-4000-8000-000000000000_snap-x";
+    let e = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-stray".into(),
+            volume_capabilities: vec![block_cap()],
+            volume_content_source: Some(VolumeContentSource {
+                r#type: Some(Src::Snapshot(SnapshotSource {
+                    snapshot_id: elsewhere.into(),
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(
+        e.message().contains("is not on node n1")
+            && e.message()
+                .contains("made on the node that holds its source"),
+        "{e}"
+    );
+    assert_eq!(available(&mut c).await.0, free);
     // As big as the pool allows: the next volume must reuse these blocks.
     let (_, max) = available(&mut c).await;
     let size = max / MIB * MIB;

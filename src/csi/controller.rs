@@ -51,14 +51,18 @@ impl Driver {
                 (p, e)
             }
             Some(Src::Snapshot(s)) => {
-                let (p, snap) = self.snapshot_entry(&s.snapshot_id)?;
+                let (p, snap) = self
+                    .snapshot_entry(&s.snapshot_id)
+                    .map_err(|e| self.source_elsewhere(e, "snapshot", &s.snapshot_id))?;
                 let e = p
                     .pool
                     .create_volume(name, size.max(snap.size), Source::Snapshot(&snap.id));
                 (p, e)
             }
             Some(Src::Volume(v)) => {
-                let (p, src) = self.volume(&v.volume_id)?;
+                let (p, src) = self
+                    .volume(&v.volume_id)
+                    .map_err(|e| self.source_elsewhere(e, "volume", &v.volume_id))?;
                 // A clone of a live volume is taken like a snapshot: with
                 // its filesystem frozen.
                 let e = super::nodeops::frozen(&src.path, || {
@@ -75,6 +79,20 @@ impl Driver {
             "volume created"
         );
         Ok(self.volume_message(&p, &e, source))
+    }
+
+    /// A restore's or clone's source not found here: most likely it lives on
+    /// another node (a copy is made in its source's pool), which the
+    /// scheduler did not know when it placed the pod; say so.
+    fn source_elsewhere(&self, e: Status, what: &str, id: &str) -> Status {
+        if e.code() != tonic::Code::NotFound {
+            return e;
+        }
+        Status::not_found(format!(
+            "source {what} {id} is not on node {}: a restore or a clone is made on the node that holds its source, so give the claim's pod that node (nodeAffinity or nodeName); {}",
+            self.node.name,
+            e.message()
+        ))
     }
 
     /// The pool with the most room, if it has `size` bytes available.
