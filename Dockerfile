@@ -26,7 +26,7 @@ FROM debian:bookworm-slim
 # (.ci/run installs exactly the packages on the line after RUN and runs `disklet doctor`.)
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends \
-      util-linux e2fsprogs xfsprogs libudev1 ca-certificates \
+      util-linux mount e2fsprogs xfsprogs libudev1 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/disklet /usr/local/bin/disklet
 # disklet needs root on the node (mount(2), mkfs, O_EXCL on block devices);

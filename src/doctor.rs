@@ -43,6 +43,9 @@ pub fn tools() -> Vec<Check> {
         ("mkfs.xfs", "-V", "xfsprogs"),
         ("mkfs.ext4", "-V", "e2fsprogs"),
         ("wipefs", "--version", "util-linux"),
+        // The CSI driver's: loop devices of its volumes, online growth.
+        ("losetup", "--version", "mount"),
+        ("xfs_growfs", "-V", "xfsprogs"),
     ]
     .into_iter()
     .map(
