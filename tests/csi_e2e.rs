@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use disklet::csi::proto::NodePublishVolumeRequest;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -392,6 +393,56 @@ async fn snapshots_clones_and_growth_through_the_sidecars() {
     // Online growth: the claim asks for more; csi-resizer records it (the
     // driver grows on the node), kubelet's NodeExpandVolume grows the file,
     // the device and the mounted filesystem.
+    // ReadWriteOncePod through the provisioner: the driver gets
+    // SINGLE_NODE_SINGLE_WRITER, and a second publish (another pod) is
+    // refused while the first holds it.
+    create_in(
+        &s,
+        &ns,
+        claim(
+            "solo",
+            &sc,
+            320,
+            json!({"accessModes": ["ReadWriteOncePod"]}),
+        ),
+    )
+    .await;
+    create_in(&s, &ns, pod_with("solo", "solo", Some(&n))).await;
+    let (_, solo) = bound(&s, &ns, "solo").await;
+    assert_eq!(
+        solo.spec.as_ref().unwrap().access_modes,
+        Some(vec!["ReadWriteOncePod".to_string()])
+    );
+    let ts = kubelet_mount(&node, &solo).await;
+    let (mut nc, cap, id) = node_call(&node, &solo).await;
+    let second = ts.parent().unwrap().join("second");
+    let e = nc
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: id,
+            staging_target_path: node
+                .rig
+                .path()
+                .join(format!(
+                    "kubelet/plugins/kubernetes.io/csi/{DRIVER}/{}/globalmount",
+                    name_of(&solo)
+                ))
+                .display()
+                .to_string(),
+            target_path: second.display().to_string(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    kubelet_unmount(&node, &solo, &ts).await;
+    Api::<Pod>::namespaced(s.client.clone(), &ns)
+        .delete("solo", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    delete_claim(&s, &ns, "solo").await;
+    wait_pv_gone(&s, &name_of(&solo)).await;
+
     let small = fs_bytes(&t);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     claims

@@ -531,7 +531,17 @@ pub async fn node_call(
     };
     let cap = VolumeCapability {
         access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
+            // kubelet's mapping of the PV's access mode.
+            mode: if spec
+                .access_modes
+                .iter()
+                .flatten()
+                .any(|m| m == "ReadWriteOncePod")
+            {
+                Mode::SingleNodeSingleWriter as i32
+            } else {
+                Mode::SingleNodeWriter as i32
+            },
         }),
         access_type: Some(access_type),
     };
