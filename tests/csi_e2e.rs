@@ -102,11 +102,13 @@ async fn delete_claim(s: &Scope, ns: &str, pvc: &str) {
 /// DeleteVolume).
 async fn wait_pv_gone(s: &Scope, pv: &str) {
     let pvs: Api<PersistentVolume> = Api::all(s.client.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pvs.get_opt(pv).await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "PV {pv} was not deleted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(
+        &pvs,
+        pv,
+        &format!("PV {pv} deleted"),
+        Duration::from_secs(120),
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------- tests
@@ -242,11 +244,7 @@ async fn claims_go_where_capacity_is_and_a_deleted_claims_space_reads_zeroes() {
     pods.delete("extra", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pods.get_opt("extra").await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "pod extra not gone");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(&pods, "extra", "pod extra gone", Duration::from_secs(60)).await;
 
     // db-1's volume gets data, as its pod would write it; then the claim is
     // deleted (StatefulSet scaled down first, its pod gone).
@@ -257,12 +255,7 @@ async fn claims_go_where_capacity_is_and_a_deleted_claims_space_reads_zeroes() {
     let before = pool_files(&node1.pool);
     s.cluster
         .kubectl(&["-n", &ns, "scale", "statefulset/db", "--replicas=1"]);
-    let pods2 = pods.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pods2.get_opt("db-1").await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "db-1 not gone");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(&pods, "db-1", "db-1 gone", Duration::from_secs(60)).await;
     delete_claim(&s, &ns, "data-db-1").await;
     wait_pv_gone(&s, &name_of(&pv1)).await;
 

@@ -9,41 +9,27 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::agent::MountSweeper;
 use support::cluster::*;
-use support::csi_cluster::pool_mount;
-
-/// `disklet csi` as a process, killed on drop.
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::csi_cluster::{pool_mount, spawn, Proc, VolumeSweeper};
 
 /// `disklet csi` serving the rig's pool on `sock`, with `flags`.
-fn driver(rig: &NodeRig, sock: &Path, flags: &[&str]) -> Driver {
-    let log = std::fs::File::create(rig.path().join("csi.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_disklet"))
-        .args(["csi", "--node-name", &rig.node])
-        .arg(format!("--endpoint=unix://{}", sock.display()))
-        .arg("--config")
-        .arg(rig.path().join("agent.yaml"))
-        .args(flags)
-        .env("KUBECONFIG", &rig.kubeconfig)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let driver = Driver(child);
+fn driver(rig: &NodeRig, sock: &Path, flags: &[&str]) -> Proc {
+    let driver = spawn(
+        rig.path(),
+        "csi",
+        Command::new(env!("CARGO_BIN_EXE_disklet"))
+            .args(["csi", "--node-name", &rig.node])
+            .arg(format!("--endpoint=unix://{}", sock.display()))
+            .arg("--config")
+            .arg(rig.path().join("agent.yaml"))
+            .args(flags)
+            .env("KUBECONFIG", &rig.kubeconfig),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
         assert!(
@@ -54,18 +40,6 @@ fn driver(rig: &NodeRig, sock: &Path, flags: &[&str]) -> Driver {
         std::thread::sleep(Duration::from_millis(50));
     }
     driver
-}
-
-/// Everything the driver attached or mounted under `dir`, undone on drop
-/// (before the rig's own sweep, so the pool can be unmounted): the sanity
-/// suite's staging and target mounts, then the volumes' loop devices.
-struct VolumeSweeper(PathBuf);
-
-impl Drop for VolumeSweeper {
-    fn drop(&mut self) {
-        MountSweeper(self.0.join("sanity")).sweep();
-        support::detach_loops_under(&self.0.join("hostdir"));
-    }
 }
 
 /// Runs csi-sanity once; returns its verbose output, asserting it passed.
@@ -132,7 +106,10 @@ async fn csi_sanity_passes_on_a_pool_the_agent_took() {
     let fs = support::agent::blkid(rig.loops[0].path(), "TYPE");
     assert_eq!(fs, "xfs");
 
-    let _volumes = VolumeSweeper(rig.path().to_path_buf());
+    let _volumes = VolumeSweeper {
+        mounts: rig.path().join("sanity"),
+        hostdir: rig.path().join("hostdir"),
+    };
     let bin = s.cluster.bin.clone();
     // csi-sanity makes its staging and target dirs itself, but not their
     // parent.

@@ -341,40 +341,6 @@ async fn scale(s: &Scope, ns: &str, sts: &str, replicas: i32) {
     .unwrap();
 }
 
-async fn wait_gone<K>(api: &Api<K>, name: &str, what: &str)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let deadline = tokio::time::Instant::now() + T;
-    // A watch on one name reports its deletion; re-checked with a get so a
-    // delete that happened before the watch started counts too.
-    loop {
-        match api.get_opt(name).await.unwrap() {
-            None => return,
-            Some(_) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "timed out waiting for {what}"
-                );
-                let mut stream = std::pin::pin!(kube::runtime::watcher::watcher(
-                    api.clone(),
-                    kube::runtime::watcher::Config::default()
-                        .fields(&format!("metadata.name={name}"))
-                ));
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    use futures::StreamExt;
-                    while let Some(ev) = stream.next().await {
-                        if let Ok(kube::runtime::watcher::Event::Delete(_)) = ev {
-                            return;
-                        }
-                    }
-                })
-                .await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_and_delete_the_claim_recycles_after_kubelets_unmount() {
     if skip_unless_root("scale_down_and_delete_the_claim_recycles_after_kubelets_unmount") {
@@ -415,7 +381,7 @@ async fn scale_down_and_delete_the_claim_recycles_after_kubelets_unmount() {
     // Scale down, delete the claim: the real PV controller releases the PV.
     scale(&s, &ns, "local-demo", 0).await;
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
-    wait_gone(&pods, "local-demo-0", "the pod gone").await;
+    wait_gone(&pods, "local-demo-0", "the pod gone", T).await;
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     delete(&pvcs, "data-local-demo-0").await;
     wait_for(&pvs(&s), &name_of(&first), "the PV Released", T, |pv| {
@@ -438,7 +404,7 @@ async fn scale_down_and_delete_the_claim_recycles_after_kubelets_unmount() {
 
     // kubelet unmounts: cleaned, the old PV deleted, a fresh one published.
     sh(&["umount", pod_mount.to_str().unwrap()]);
-    wait_gone(&pvs(&s), &name_of(&first), "the released PV deleted").await;
+    wait_gone(&pvs(&s), &name_of(&first), "the released PV deleted", T).await;
     let fresh = available(&s, &[&rig.node], 1).await.remove(0);
     assert_ne!(name_of(&fresh), name_of(&first));
     assert_ne!(
@@ -579,7 +545,7 @@ async fn a_bound_pv_an_admin_deletes_waits_behind_pv_protection_and_its_data_sta
     delete(&pods, "c0").await;
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     delete(&pvcs, "c0").await;
-    wait_gone(&pvs(&s), &name_of(&bound), "the PV deleted").await;
+    wait_gone(&pvs(&s), &name_of(&bound), "the PV deleted", T).await;
     rig.agent().wait_log("VolumeNotClean");
     assert_eq!(
         std::fs::read_to_string(local_path(&bound).join("data")).unwrap(),

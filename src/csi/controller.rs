@@ -458,7 +458,7 @@ impl controller_server::Controller for Controller {
         let guard = d.lock(&[&id])?;
         let size = blocking(move || {
             let _g = guard;
-            d.grow(&id, Some(&range))
+            d.grow(&id, Some(&range)).map(|e| e.size)
         })
         .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {

@@ -212,10 +212,11 @@ impl Driver {
     /// expands on the node (`Expansion::Node`), then the loop device's size
     /// and the filesystem.
     fn expand(&self, id: &str, path: &Path, range: Option<&CapacityRange>) -> Result<u64, Status> {
-        if self.expansion == super::Expansion::Node && range.is_some() {
-            self.grow(id, range)?;
-        }
-        let (_, e) = self.volume(id)?;
+        let e = if self.expansion == super::Expansion::Node {
+            self.grow(id, range)?
+        } else {
+            self.volume(id)?.1
+        };
         let Some(dev) = pool::attached(&e.path) else {
             return Err(Status::failed_precondition(format!(
                 "volume {id} is not staged on this node"

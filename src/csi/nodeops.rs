@@ -118,14 +118,11 @@ pub fn mkfs(dev: &Path, fs_type: &str) -> Result<(), Status> {
 /// as it was written.
 pub fn mount_fs(dev: &Path, target: &Path, fs_type: &str, flags: &[String]) -> Result<(), Status> {
     std::fs::create_dir_all(target).map_err(|e| internal("cannot create", target, e))?;
-    let (ms, mut data) = crate::host::mounter::split_options(flags);
-    if fs_type == "xfs" && !data.split(',').any(|o| o == "nouuid") {
-        data = if data.is_empty() {
-            "nouuid".to_string()
-        } else {
-            format!("{data},nouuid")
-        };
+    let mut flags = flags.to_vec();
+    if fs_type == "xfs" && !flags.iter().any(|o| o == "nouuid") {
+        flags.push("nouuid".into());
     }
+    let (ms, data) = crate::host::mounter::split_options(&flags);
     let data = (!data.is_empty()).then_some(data.as_str());
     mount(Some(dev), target, Some(fs_type), ms, data)
         .map_err(|e| internal(&format!("cannot mount {} at", dev.display()), target, e))

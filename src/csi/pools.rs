@@ -123,16 +123,16 @@ impl Driver {
     }
 
     /// Grows volume `volume_id`'s backing file to what `range` asks for
-    /// (never shrinks it); its size after.
-    pub fn grow(&self, volume_id: &str, range: Option<&CapacityRange>) -> Result<u64, Status> {
+    /// (never shrinks it; no range, no change); the volume after.
+    pub fn grow(&self, volume_id: &str, range: Option<&CapacityRange>) -> Result<Entry, Status> {
         let (p, e) = self.volume(volume_id)?;
         let want = caps::size_for(range, e.size)?;
         if want <= e.size {
-            return Ok(e.size);
+            return Ok(e);
         }
         let e = p.pool.expand_volume(&e.id, want).map_err(status)?;
         tracing::info!(volume = volume_id, bytes = e.size, "volume grown");
-        Ok(e.size)
+        Ok(e)
     }
 
     /// A volume or snapshot named `name` in any pool, for idempotent creates.

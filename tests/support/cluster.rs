@@ -312,6 +312,39 @@ where
     }
 }
 
+/// Waits until no object `name` exists, on a watch.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, what: &str, timeout: Duration)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    // A watch on one name reports its deletion; re-checked with a get so a
+    // delete that happened before the watch started counts too.
+    loop {
+        match api.get_opt(name).await.unwrap() {
+            None => return,
+            Some(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for {what}"
+                );
+                let mut stream = std::pin::pin!(watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().fields(&format!("metadata.name={name}"))
+                ));
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Some(ev) = stream.next().await {
+                        if let Ok(watcher::Event::Delete(_)) = ev {
+                            return;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+    }
+}
+
 /// Waits until the objects matching `lp` satisfy `pred`, on a watch.
 pub async fn wait_list<K>(
     api: &Api<K>,

@@ -111,14 +111,19 @@ pub struct CsiNode {
     bin: PathBuf,
 }
 
-/// The test's kubelet mounts under the rig's kubelet dir and the volumes'
-/// loop devices under its hostDir, undone on drop.
-pub struct VolumeSweeper(PathBuf);
+/// What a driver attached or mounted for a rig, undone on drop (before the
+/// rig's own sweep, so the pool can be unmounted): the stage and publish
+/// mounts under `mounts` (the test's kubelet dir, csi-sanity's dirs), then
+/// the volumes' loop devices under the rig's hostDir.
+pub struct VolumeSweeper {
+    pub mounts: PathBuf,
+    pub hostdir: PathBuf,
+}
 
 impl Drop for VolumeSweeper {
     fn drop(&mut self) {
-        MountSweeper(self.0.join("kubelet")).sweep();
-        super::detach_loops_under(&self.0.join("hostdir"));
+        MountSweeper(self.mounts.clone()).sweep();
+        super::detach_loops_under(&self.hostdir);
     }
 }
 
@@ -132,7 +137,10 @@ pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
     rig.disk("disks", "p1", pool_mib);
     let pool = pool_mount(&rig.path().join("hostdir"));
     let dir = rig.path().to_path_buf();
-    let volumes = VolumeSweeper(dir.clone());
+    let volumes = VolumeSweeper {
+        mounts: dir.join("kubelet"),
+        hostdir: dir.join("hostdir"),
+    };
 
     // The csi DaemonSet's ServiceAccount, with a token bound to its pod on
     // this node, for the driver and every sidecar, as in the overlay.
