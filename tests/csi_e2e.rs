@@ -412,15 +412,7 @@ async fn snapshots_clones_and_growth_through_the_sidecars() {
     let e = nc
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: id,
-            staging_target_path: node
-                .rig
-                .path()
-                .join(format!(
-                    "kubelet/plugins/kubernetes.io/csi/{DRIVER}/{}/globalmount",
-                    name_of(&solo)
-                ))
-                .display()
-                .to_string(),
+            staging_target_path: staging_path(&node, &solo).display().to_string(),
             target_path: second.display().to_string(),
             volume_capability: Some(cap),
             ..Default::default()

@@ -442,15 +442,21 @@ pub fn pv_bytes(pv: &PersistentVolume) -> u64 {
 
 // ------------------------------------------------------------ the kubelet part
 
+/// kubelet's staging path of `pv` (its global mount) under the rig's kubelet dir.
+pub fn staging_path(node: &CsiNode, pv: &PersistentVolume) -> PathBuf {
+    node.rig.path().join(format!(
+        "kubelet/plugins/kubernetes.io/csi/{DRIVER}/{}/globalmount",
+        name_of(pv)
+    ))
+}
+
 /// kubelet's NodeStageVolume and NodePublishVolume of `pv` (its paths under
 /// the rig's kubelet dir); the published path: a dir, or a block device file.
 pub async fn kubelet_mount(node: &CsiNode, pv: &PersistentVolume) -> PathBuf {
     let (mut n, cap, id) = node_call(node, pv).await;
     let pv_name = name_of(pv);
     let kubelet = node.rig.path().join("kubelet");
-    let staging = kubelet.join(format!(
-        "plugins/kubernetes.io/csi/{DRIVER}/{pv_name}/globalmount"
-    ));
+    let staging = staging_path(node, pv);
     std::fs::create_dir_all(&staging).unwrap();
     n.node_stage_volume(NodeStageVolumeRequest {
         volume_id: id.clone(),
@@ -485,10 +491,7 @@ pub async fn kubelet_unmount(node: &CsiNode, pv: &PersistentVolume, target: &Pat
     })
     .await
     .unwrap();
-    let staging = node.rig.path().join(format!(
-        "kubelet/plugins/kubernetes.io/csi/{DRIVER}/{}/globalmount",
-        name_of(pv)
-    ));
+    let staging = staging_path(node, pv);
     n.node_unstage_volume(NodeUnstageVolumeRequest {
         volume_id: id,
         staging_target_path: staging.display().to_string(),
