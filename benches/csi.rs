@@ -11,10 +11,15 @@
 //!   against a full copy of that volume file (`cp --reflink=never`).
 //!
 //! - fio through a 2 GiB Block volume (its loop device, direct I/O, as the
-//!   driver attaches it) against the raw pool device before it was
-//!   formatted: sequential read and write (1 MiB, depth 8), random read and
-//!   write (4 KiB, depth 32), both written over once first, 10 s each
-//!   (`DISKLET_BENCH_FIO_SECS`).
+//!   driver attaches it) against the raw pool device on the very blocks the
+//!   volume's file occupies (the pool unmounted for those rounds):
+//!   sequential read and write (1 MiB, depth 8), random read and write
+//!   (4 KiB, depth 32), written over once first; raw and volume rounds
+//!   alternate, their order flipped every round, `DISKLET_BENCH_FIO_ROUNDS`
+//!   (5) rounds of `DISKLET_BENCH_FIO_SECS` (3) s a job, and the ratio
+//!   printed is the median of the rounds' own ratios. A host file's speed
+//!   drifts by 10% and more within a minute on this machine; one raw run
+//!   at the start against one volume run at the end measured the drift.
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -39,6 +44,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+fn fmedian(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -51,9 +61,9 @@ const FIO_JOBS: [(&str, &str, &str, u32); 4] = [
     ("rand read 4k", "randread", "4k", 32),
 ];
 
-/// One fio job on `target` over its first `bytes`: MiB/s and IOPS.
-fn fio(target: &std::path::Path, rw: &str, bs: &str, depth: u32, bytes: u64) -> (f64, f64) {
-    let secs = std::env::var("DISKLET_BENCH_FIO_SECS").unwrap_or_else(|_| "10".into());
+/// One fio job on `target`, over `bytes` from byte `offset`: MiB/s and IOPS.
+fn fio(target: &Path, offset: u64, (rw, bs, depth): (&str, &str, u32), bytes: u64) -> (f64, f64) {
+    let secs = std::env::var("DISKLET_BENCH_FIO_SECS").unwrap_or_else(|_| "3".into());
     let out = sh(&[
         "fio",
         "--name=j",
@@ -61,6 +71,7 @@ fn fio(target: &std::path::Path, rw: &str, bs: &str, depth: u32, bytes: u64) -> 
         &format!("--rw={rw}"),
         &format!("--bs={bs}"),
         &format!("--iodepth={depth}"),
+        &format!("--offset={offset}"),
         &format!("--size={bytes}"),
         "--ioengine=libaio",
         "--direct=1",
@@ -81,22 +92,35 @@ fn fio(target: &std::path::Path, rw: &str, bs: &str, depth: u32, bytes: u64) -> 
     )
 }
 
-/// Every fio job on `target`, written over once first (reads then read
-/// written blocks, writes overwrite).
-fn fio_suite(target: &std::path::Path, bytes: u64) -> Vec<(f64, f64)> {
-    sh(&[
-        "dd",
-        "if=/dev/zero",
-        &format!("of={}", target.display()),
-        "bs=4M",
-        &format!("count={}", bytes >> 22),
-        "oflag=direct",
-        "status=none",
-    ]);
+/// Every fio job on `target` from `offset`: one figure each (MiB/s for the
+/// sequential jobs, IOPS for the random ones).
+fn fio_round(target: &Path, offset: u64, bytes: u64) -> Vec<f64> {
     FIO_JOBS
         .iter()
-        .map(|(_, rw, bs, depth)| fio(target, rw, bs, *depth, bytes))
+        .map(|(label, rw, bs, depth)| {
+            let (mib, iops) = fio(target, offset, (rw, bs, *depth), bytes);
+            if label.starts_with("seq") {
+                mib
+            } else {
+                iops
+            }
+        })
         .collect()
+}
+
+/// Where the bytes of `file` (on an XFS pool) lie on the pool's device:
+/// the byte offset of its one extent.
+fn one_extent(file: &Path) -> u64 {
+    let out = sh(&["xfs_bmap", file.to_str().unwrap()]);
+    let extents: Vec<&str> = out.lines().skip(1).collect();
+    // "0: [0..4194303]: 192..4194495", in 512-byte blocks.
+    assert!(
+        extents.len() == 1 && !extents[0].contains("hole"),
+        "the fio volume's file is not one extent, so the raw device cannot be measured on the same blocks: {out}"
+    );
+    let phys = extents[0].rsplit(": ").next().unwrap();
+    let start: u64 = phys.split("..").next().unwrap().trim().parse().unwrap();
+    start * 512
 }
 
 fn cap() -> VolumeCapability {
@@ -138,12 +162,6 @@ async fn main() {
     // cache in front of it, and without it the "raw device" here would be
     // the host's RAM, flattering nothing but the extra layer's CPU cost.
     sh(&["losetup", "--direct-io=on", disk.path()]);
-    // The raw pool device, before it is formatted: the fio baseline.
-    let fio_ok = Command::new("fio").arg("--version").output().is_ok();
-    if !fio_ok {
-        println!("SKIPPED fio: fio is not installed (scripts/setup-debian.sh installs it)");
-    }
-    let raw = fio_ok.then(|| fio_suite(Path::new(disk.path()), 2 * GIB));
     let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
     let uuid = uuid.trim();
     sh(&[
@@ -282,27 +300,64 @@ async fn main() {
     );
     std::fs::remove_file(&rl).unwrap();
 
-    // A volume's I/O against the raw pool device's, both measured here.
-    if let Some(raw) = raw {
+    // A volume's I/O against the raw pool device's on the same blocks.
+    if Command::new("fio").arg("--version").output().is_ok() {
         let v = create(&mut c, "pvc-fio", 2 * GIB).await;
         let id = v.volume_id.split_once('_').unwrap().1.to_string();
-        let dev = disklet::host::pool::attach(&mount.join("pool/volumes").join(&id)).unwrap();
-        let vol = fio_suite(&dev, 2 * GIB);
+        let file = mount.join("pool/volumes").join(&id);
+        let dev = disklet::host::pool::attach(&file).unwrap();
+        sh(&[
+            "dd",
+            "if=/dev/zero",
+            &format!("of={}", dev.display()),
+            "bs=4M",
+            &format!("count={}", (2 * GIB) >> 22),
+            "oflag=direct",
+            "status=none",
+        ]);
         disklet::host::pool::detach(&dev).unwrap();
+        let offset = one_extent(&file);
+        let rounds: usize = std::env::var("DISKLET_BENCH_FIO_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(5);
+        let (mut raw, mut vol) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            for raw_now in [round % 2 == 0, round % 2 == 1] {
+                if raw_now {
+                    sh(&["umount", mount.to_str().unwrap()]);
+                    raw.push(fio_round(Path::new(disk.path()), offset, 2 * GIB));
+                    sh(&["mount", disk.path(), mount.to_str().unwrap()]);
+                } else {
+                    let dev = disklet::host::pool::attach(&file).unwrap();
+                    vol.push(fio_round(&dev, 0, 2 * GIB));
+                    disklet::host::pool::detach(&dev).unwrap();
+                }
+            }
+        }
         println!(
-            "fio, a 2 GiB volume (loop on a pool file, direct I/O) against the raw pool device:"
+            "fio, a 2 GiB volume (loop on a pool file, direct I/O) against the raw pool device on the same blocks, {rounds} alternating rounds (medians):"
         );
-        for (((label, ..), r), v) in FIO_JOBS.iter().zip(&raw).zip(&vol) {
-            let (unit, rv, vv) = if label.starts_with("seq") {
-                ("MiB/s", r.0, v.0)
+        for (j, (label, ..)) in FIO_JOBS.iter().enumerate() {
+            let unit = if label.starts_with("seq") {
+                "MiB/s"
             } else {
-                ("IOPS", r.1, v.1)
+                "IOPS"
             };
+            let col = |m: &[Vec<f64>]| m.iter().map(|r| r[j]).collect::<Vec<_>>();
+            let mut ratios: Vec<f64> = raw.iter().zip(&vol).map(|(r, v)| v[j] / r[j]).collect();
+            ratios.sort_by(f64::total_cmp);
             println!(
-                "  {label}: volume {vv:.0} {unit}, raw {rv:.0} {unit}; ratio {:.2}",
-                vv / rv
+                "  {label}: volume {:.0} {unit}, raw {:.0} {unit}; ratio {:.2} (rounds {:.2} to {:.2})",
+                fmedian(col(&vol)),
+                fmedian(col(&raw)),
+                fmedian(ratios.clone()),
+                ratios[0],
+                ratios[ratios.len() - 1]
             );
         }
+    } else {
+        println!("SKIPPED fio: fio is not installed (scripts/setup-debian.sh installs it)");
     }
     let _ = stop.send(());
     server.await.unwrap();
