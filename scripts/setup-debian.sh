@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what disklet and its tests need on Debian/Ubuntu: libudev for the
-# build, and the real tools the agent drives and the root tests exercise.
+# build, and the real tools the agent drives and the root tests exercise
+# (runc, the CNI plugins and busybox for the kubelet node of tests/kubelet_node.rs).
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -9,5 +10,6 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   pkg-config libudev-dev \
   util-linux fdisk e2fsprogs xfsprogs btrfs-progs cryptsetup-bin \
-  udev perl openssl fio >/dev/null
+  udev perl openssl fio \
+  runc containernetworking-plugins busybox-static iproute2 >/dev/null
 echo "setup-debian: packages installed"

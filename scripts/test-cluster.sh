@@ -5,6 +5,8 @@
 #   scripts/test-cluster.sh build          build (or find cached) the binaries; prints their dir
 #   scripts/test-cluster.sh up DIR         start etcd, kube-apiserver, kube-controller-manager,
 #                                          kube-scheduler and kwok; writes DIR/admin.kubeconfig
+#   scripts/test-cluster.sh up DIR --kubelet   the same, plus one real node on this machine:
+#                                          containerd, runc, CNI bridge and the real kubelet
 #   scripts/test-cluster.sh down DIR       stop exactly what `up DIR` started, by pid
 #   scripts/test-cluster.sh sync-mod       rewrite tests/cluster/*/go.mod from versions.env and
 #                                          the Kubernetes release's own go.mod
@@ -58,17 +60,22 @@ sidecar_mod() { # DIR MODULE VERSION PKG...
 }
 
 sync_mod() {
-  local replaces
+  local replaces m
   replaces=$(staging_replaces)
-  (
-    cd "$mods/kubernetes"
-    {
-      printf 'module disklet.test/cluster/kubernetes\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes %s\n\n' "$K8S_VERSION"
-      printf '// Derived from k8s.io/kubernetes@%s go.mod by scripts/test-cluster.sh sync-mod.\nreplace (\n%s\n)\n' "$K8S_VERSION" "$replaces"
-    } >go.mod
-    rm -f go.sum
-    go mod tidy
-  )
+  # Two modules of k8s.io/kubernetes with the same replace lines: the control plane's,
+  # and the kubelet's (its own, so that the control plane's cache key does not move).
+  for m in kubernetes kubelet; do
+    (
+      cd "$mods/$m"
+      {
+        printf 'module disklet.test/cluster/%s\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes %s\n\n' "$m" "$K8S_VERSION"
+        printf '// Derived from k8s.io/kubernetes@%s go.mod by scripts/test-cluster.sh sync-mod.\nreplace (\n%s\n)\n' "$K8S_VERSION" "$replaces"
+      } >go.mod
+      rm -f go.sum
+      go mod tidy
+    )
+  done
+  (cd "$mods/containerd" && printf 'module disklet.test/cluster/containerd\n\ngo 1.26.0\n\nrequire github.com/containerd/containerd/v2 %s\n' "$CONTAINERD_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/etcd" && printf 'module disklet.test/cluster/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/csi-test" && printf 'module disklet.test/cluster/csi-test\n\ngo 1.26.0\n\nrequire github.com/kubernetes-csi/csi-test/v5 %s\n' "$CSI_TEST_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/kwok" && printf 'module disklet.test/cluster/kwok\n\ngo 1.26.0\n\nrequire sigs.k8s.io/kwok %s\n' "$KWOK_VERSION" >go.mod && rm -f go.sum && go mod tidy)
@@ -85,11 +92,13 @@ sync_mod() {
 
 # The committed replace block must be what the release's go.mod says today.
 check_mod() {
-  local want have
+  local want have m
   want=$(staging_replaces)
-  have=$(sed -n '/^replace (/,/^)/p' "$mods/kubernetes/go.mod" | grep '=>' || true)
-  [ "$want" = "$have" ] || die "tests/cluster/kubernetes/go.mod's replace lines differ from k8s.io/kubernetes@$K8S_VERSION's staging list: run scripts/test-cluster.sh sync-mod"
-  grep -q "k8s.io/kubernetes $K8S_VERSION\$" "$mods/kubernetes/go.mod" || die "tests/cluster/kubernetes/go.mod does not require k8s.io/kubernetes $K8S_VERSION: run scripts/test-cluster.sh sync-mod"
+  for m in kubernetes kubelet; do
+    have=$(sed -n '/^replace (/,/^)/p' "$mods/$m/go.mod" | grep '=>' || true)
+    [ "$want" = "$have" ] || die "tests/cluster/$m/go.mod's replace lines differ from k8s.io/kubernetes@$K8S_VERSION's staging list: run scripts/test-cluster.sh sync-mod"
+    grep -q "k8s.io/kubernetes $K8S_VERSION\$" "$mods/$m/go.mod" || die "tests/cluster/$m/go.mod does not require k8s.io/kubernetes $K8S_VERSION: run scripts/test-cluster.sh sync-mod"
+  done
 }
 
 # One component's cache dir: keyed by version and by the hash of its go.mod/go.sum.
@@ -116,27 +125,32 @@ build_one() { # NAME VERSION MODDIR LDFLAGS PACKAGE...
   log "built $name $version in $(cat "$out/.build-seconds") s"
 }
 
+# The version stamp of a Kubernetes binary, as the release's own build sets it.
+k8s_ldflags() {
+  local minor date pkg ldk=""
+  minor=${K8S_VERSION#v1.}
+  minor=${minor%%.*}
+  date=$(cd / && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" |
+    sed -n 's/^\s*"Time": "\(.*\)",$/\1/p')
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldk="$ldk -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldk="$ldk -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  echo "$ldk"
+}
+
 build() {
   command -v go >/dev/null || die "go is not installed (Go 1.26 or newer is needed to build the control plane)"
   mkdir -p "$cache"
   exec 9>"$cache/.lock"
   flock 9
-  local kdir edir wdir minor date ldk
+  local kdir edir wdir
   kdir=$(key_dir kubernetes "$K8S_VERSION" "$mods/kubernetes")
   edir=$(key_dir etcd "$ETCD_VERSION" "$mods/etcd")
   wdir=$(key_dir kwok "$KWOK_VERSION" "$mods/kwok")
   if [ ! -f "$kdir/.complete" ]; then
     check_mod
-    minor=${K8S_VERSION#v1.}
-    minor=${minor%%.*}
-    date=$(cd / && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" |
-      sed -n 's/^\s*"Time": "\(.*\)",$/\1/p')
-    ldk=""
-    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ldk="$ldk -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-      ldk="$ldk -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
-    done
-    build_one kubernetes "$K8S_VERSION" "$mods/kubernetes" "$ldk" \
+    build_one kubernetes "$K8S_VERSION" "$mods/kubernetes" "$(k8s_ldflags)" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
   fi
@@ -183,15 +197,29 @@ build() {
     done >"$sdir/snapshot-crds.yaml.tmp"
     mv "$sdir/snapshot-crds.yaml.tmp" "$sdir/snapshot-crds.yaml"
   fi
+  # The kubelet node (up DIR --kubelet): the kubelet, and containerd with ctr and its runc
+  # shim (no cgo: without the btrfs, devmapper and zfs snapshotters, which need it).
+  local ldir ctdir
+  ldir=$(key_dir kubelet "$K8S_VERSION" "$mods/kubelet")
+  ctdir=$(key_dir containerd "$CONTAINERD_VERSION" "$mods/containerd")
+  [ -f "$ldir/.complete" ] || check_mod
+  [ -f "$ldir/.complete" ] ||
+    build_one kubelet "$K8S_VERSION" "$mods/kubelet" "$(k8s_ldflags)" k8s.io/kubernetes/cmd/kubelet
+  GOFLAGS=-tags=no_btrfs,no_devmapper,no_zfs build_one containerd "$CONTAINERD_VERSION" \
+    "$mods/containerd" "-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+    github.com/containerd/containerd/v2/cmd/containerd \
+    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+    github.com/containerd/containerd/v2/cmd/ctr
   flock -u 9
   # One dir of links, so callers need one PATH entry; named by what it links.
   local bin
-  bin="$cache/bin-$(for d in "$kdir" "$edir" "$wdir" "$cdir" "$pdir" "$sdir" "$rdir"; do basename "$d"; done | sha256sum | cut -c1-12)"
+  bin="$cache/bin-$(for d in "$kdir" "$edir" "$wdir" "$cdir" "$pdir" "$sdir" "$rdir" "$ldir" "$ctdir"; do basename "$d"; done | sha256sum | cut -c1-12)"
   mkdir -p "$bin"
   ln -sf "$cdir/csi-sanity" "$pdir/csi-provisioner" "$sdir/csi-snapshotter" "$sdir/snapshot-controller" \
     "$sdir/snapshot-crds.yaml" "$rdir/csi-resizer" "$bin/"
   ln -sf "$kdir"/kube-apiserver "$kdir"/kube-controller-manager "$kdir"/kube-scheduler "$kdir"/kubectl "$bin/"
   ln -sf "$edir/etcd" "$wdir/kwok" "$wdir/kwok-stages.yaml" "$bin/"
+  ln -sf "$ldir/kubelet" "$ctdir/containerd" "$ctdir/containerd-shim-runc-v2" "$ctdir/ctr" "$bin/"
   echo "$bin"
 }
 
@@ -284,8 +312,9 @@ wait_for() { # WHAT SECONDS DIR COMMAND...
 }
 
 up() {
-  local dir=${1:?usage: up DIR}
+  local dir=${1:?usage: up DIR [--kubelet]} with_kubelet=${2:-}
   local bin ep pp ap
+  case "$with_kubelet" in "" | --kubelet) ;; *) die "up: unknown option $with_kubelet (only --kubelet)" ;; esac
   [ -e "$dir/pids" ] && [ -n "$(ls -A "$dir/pids" 2>/dev/null)" ] && die "$dir already has a running cluster (down it first)"
   bin=$(build)
   mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
@@ -326,7 +355,8 @@ AP
     --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true --profiling=false \
     --cert-dir="$dir/pki/apiserver-generated" \
     --audit-policy-file="$dir/audit-policy.yaml" --audit-log-path="$dir/logs/audit.log" \
-    --audit-log-format=json
+    --audit-log-format=json --kubelet-preferred-address-types=InternalIP,Hostname \
+    --kubelet-client-certificate="$pki/admin.crt" --kubelet-client-key="$pki/admin.key"
   wait_for "kube-apiserver /readyz" 120 "$dir" "$bin/kubectl" --kubeconfig="$dir/admin.kubeconfig" get --raw=/readyz
   start "$dir" kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig="$dir/admin.kubeconfig" --authentication-kubeconfig="$dir/admin.kubeconfig" \
@@ -356,17 +386,272 @@ AP
       exit 1
     }
   done
+  [ "$with_kubelet" = --kubelet ] && node_up "$dir" "$bin" "$server" "$pki" "$ap"
   log "up: $dir/admin.kubeconfig ($server)"
 }
 
-# Stops what `up DIR` started: each pid in DIR/pids, and only while that pid still
-# runs a command line naming DIR (a pid the kernel gave to someone else is left alone).
+# ---- The kubelet node (up DIR --kubelet) ----------------------------------------------
+# One real node on this machine beside the kwok ones: containerd (root and state under
+# DIR/node), Debian's runc, a CNI bridge from Debian's plugins, and the kubelet (root dir
+# DIR/node/kubelet, pods in a cgroup of their own). No image registry is reachable, so
+# its two images are made here and imported: the sandbox's pause (tests/cluster/pause)
+# and busybox from Debian's busybox-static. `down DIR` kills the pods' processes, stops
+# kubelet, containerd and the shims, unmounts what they left under DIR, and removes the
+# cgroups and the bridge; kubelet's kernel sysctls are put back as they were.
+node_name=kubelet-node
+PAUSE_IMAGE=registry.k8s.io/pause:3.10.1
+BUSYBOX_IMAGE=disklet.test/busybox:1
+
+# An image archive (docker-archive format, which `ctr images import` reads) of one
+# layer, ROOTFS, with CONFIG (JSON members of the image config, e.g. "Cmd": [...]).
+make_image() { # OUT NAME ROOTFS CONFIG
+  local out=$1 name=$2 rootfs=$3 config=$4 t l c
+  t=$(mktemp -d)
+  tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$rootfs" -cf "$t/layer.tar" .
+  l=$(sha256sum "$t/layer.tar" | cut -d' ' -f1)
+  mkdir "$t/$l" && mv "$t/layer.tar" "$t/$l/layer.tar"
+  printf '{"architecture":"%s","os":"linux","config":{%s,"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+    "$(go env GOARCH)" "$config" "$l" >"$t/config.json"
+  c=$(sha256sum "$t/config.json" | cut -d' ' -f1)
+  mv "$t/config.json" "$t/$c.json"
+  printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["%s/layer.tar"]}]' "$c" "$name" "$l" >"$t/manifest.json"
+  tar -C "$t" -cf "$out.tmp" manifest.json "$c.json" "$l" && mv "$out.tmp" "$out"
+  rm -rf "$t"
+}
+
+# The node's images, cached by the pause source's and busybox's hashes; prints the dir.
+node_images() {
+  local dir r
+  [ -x /bin/busybox ] || die "the kubelet node needs Debian's busybox-static (/bin/busybox): apt-get install busybox-static (scripts/setup-debian.sh does)"
+  dir="$cache/images-$(cat "$mods/pause/main.go" /bin/busybox | sha256sum | cut -c1-12)"
+  if [ ! -f "$dir/.complete" ]; then
+    rm -rf "$dir" && mkdir -p "$dir/pause" "$dir/busybox/bin" "$dir/busybox/etc" "$dir/busybox/tmp"
+    (cd "$mods/pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$dir/pause/pause" .)
+    cp /bin/busybox "$dir/busybox/bin/"
+    for r in $(/bin/busybox --list); do
+      [ "$r" = busybox ] || ln -s busybox "$dir/busybox/bin/$r"
+    done
+    echo "root:x:0:0:root:/:/bin/sh" >"$dir/busybox/etc/passwd"
+    echo "root:x:0:" >"$dir/busybox/etc/group"
+    make_image "$dir/pause.tar" "$PAUSE_IMAGE" "$dir/pause" '"Entrypoint":["/pause"]'
+    make_image "$dir/busybox.tar" "$BUSYBOX_IMAGE" "$dir/busybox" '"Cmd":["/bin/sh"]'
+    touch "$dir/.complete"
+  fi
+  echo "$dir"
+}
+
+# The cgroup v1 controllers mounted here (cgroup2 lives at /sys/fs/cgroup/unified).
+v1_controllers() {
+  local c
+  for c in /sys/fs/cgroup/*; do
+    [ "$(basename "$c")" = unified ] && continue
+    [ -d "$c" ] && basename "$c"
+  done
+}
+
+node_up() { # DIR BIN SERVER PKI PORT
+  local dir=$1 bin=$2 server=$3 pki=$4 port=$5 nd images ip cg c kp
+  nd="$dir/node"
+  for c in /usr/sbin/runc /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback; do
+    [ -x "$c" ] || die "the kubelet node needs $c: apt-get install runc containernetworking-plugins (scripts/setup-debian.sh does)"
+  done
+  images=$(node_images)
+  ip=$(ip -4 route get 192.0.2.255 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
+  [ -n "$ip" ] || die "the kubelet node needs an IPv4 address that is not loopback (kubelet refuses 127.0.0.1): none routes here"
+  mkdir -p "$nd/containerd" "$nd/cni/net.d" "$nd/kubelet" "$nd/pki" "$nd/pod-logs"
+  cg="/disklet-test-$port"
+  kp=$(free_port)
+  printf 'NODE_NAME=%s\nNODE_DIR=%s\nNODE_IMAGE=%s\nNODE_CGROUP=%s\nNODE_BRIDGE=dkl%s\n' \
+    "$node_name" "$nd" "$BUSYBOX_IMAGE" "$cg" "$port" >>"$dir/cluster.env"
+  # kubelet sets these on start (protectKernelDefaults off); down puts them back.
+  for c in vm/overcommit_memory kernel/panic kernel/panic_on_oops; do
+    echo "$c=$(cat "/proc/sys/$c")"
+  done >"$nd/sysctl.orig"
+  (
+    cd "$nd/pki"
+    openssl req -newkey rsa:2048 -nodes -subj "/O=system:nodes/CN=system:node:$node_name" \
+      -keyout kubelet.key -out kubelet.csr 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth,serverAuth\nsubjectAltName=IP:%s,DNS:%s\n' "$ip" "$node_name" >kubelet.ext
+    openssl x509 -req -in kubelet.csr -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+      -days 3650 -extfile kubelet.ext -out kubelet.crt 2>/dev/null
+  )
+  cat >"$nd/kubelet.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: disklet-test
+  cluster: {server: "$server", certificate-authority: $pki/ca.crt}
+users:
+- name: kubelet
+  user: {client-certificate: $nd/pki/kubelet.crt, client-key: $nd/pki/kubelet.key}
+contexts:
+- name: disklet-test
+  context: {cluster: disklet-test, user: kubelet}
+current-context: disklet-test
+KC
+  # restrict_oom_score_adj: root here lacks CAP_SYS_RESOURCE, so runc cannot lower a
+  # sandbox's oom_score_adj to kubelet's -998 ("failed to update /proc/self/oom_score_adj:
+  # Permission denied"); containerd then keeps it no lower than its own.
+  cat >"$nd/containerd/config.toml" <<CT
+version = 3
+root = "$nd/containerd/root"
+state = "$nd/containerd/state"
+disabled_plugins = ["io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing",
+  "io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs"]
+
+[grpc]
+  address = "$nd/containerd/containerd.sock"
+
+[ttrpc]
+  address = "$nd/containerd/containerd.sock.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$nd/containerd/opt"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$PAUSE_IMAGE"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  netns_mounts_under_state_dir = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "$nd/cni/net.d"
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "/usr/sbin/runc"
+        SystemdCgroup = false
+CT
+  cat >"$nd/cni/net.d/10-disklet-test.conflist" <<CNI
+{"cniVersion": "1.0.0", "name": "disklet-test", "plugins": [
+  {"type": "bridge", "bridge": "dkl$port", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.$((port % 200 + 20)).$((port / 200 % 250)).0/24"}]],
+            "dataDir": "$nd/cni/ipam"}},
+  {"type": "loopback"}]}
+CNI
+  start "$dir" containerd env PATH="$bin:$PATH" "$bin/containerd" --config "$nd/containerd/config.toml"
+  wait_for "containerd" 60 "$dir" "$bin/ctr" --address "$nd/containerd/containerd.sock" version
+  local ctr="$bin/ctr --address $nd/containerd/containerd.sock -n k8s.io"
+  $ctr images import "$images/pause.tar" >/dev/null 2>&1
+  $ctr images import "$images/busybox.tar" >/dev/null 2>&1
+  $ctr images label "$PAUSE_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1
+  $ctr images label "$BUSYBOX_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1
+  # The pods' cgroup root, in every v1 hierarchy (cpuset's needs its cpus and mems).
+  for c in $(v1_controllers); do
+    mkdir -p "/sys/fs/cgroup/$c$cg"
+  done
+  if [ -d "/sys/fs/cgroup/cpuset$cg" ]; then
+    cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset$cg/cpuset.cpus"
+    cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset$cg/cpuset.mems"
+  fi
+  # Eviction and image GC off in effect: this machine's disk is shared and mostly full,
+  # and the imported images can never be pulled again.
+  cat >"$nd/kubelet-config.yaml" <<KY
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: $cg
+failSwapOn: false
+containerRuntimeEndpoint: unix://$nd/containerd/containerd.sock
+address: $ip
+port: $kp
+readOnlyPort: 0
+healthzPort: 0
+tlsCertFile: $nd/pki/kubelet.crt
+tlsPrivateKeyFile: $nd/pki/kubelet.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $pki/ca.crt}
+authorization: {mode: Webhook}
+podLogsDir: $nd/pod-logs
+volumePluginDir: $nd/kubelet/volume-plugins
+enforceNodeAllocatable: []
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+maxPods: 30
+serializeImagePulls: false
+KY
+  start "$dir" kubelet "$bin/kubelet" --config="$nd/kubelet-config.yaml" \
+    --kubeconfig="$nd/kubelet.kubeconfig" --root-dir="$nd/kubelet" --cert-dir="$nd/kubelet/pki" \
+    --hostname-override="$node_name" --node-ip="$ip" \
+    --node-labels=disklet.test/real-kubelet=true
+  wait_for "node $node_name Ready (the kubelet)" 120 "$dir" bash -c \
+    "'$bin/kubectl' --kubeconfig='$dir/admin.kubeconfig' get node '$node_name' \
+      -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+  log "kubelet node $node_name Ready ($ip:$kp, root dir $nd/kubelet)"
+}
+
+# Undoes node_up; every step tolerates what is already gone.
+node_down() { # DIR
+  local dir=$1 nd cg bridge pid pids c m k v
+  nd="$dir/node"
+  [ -f "$dir/cluster.env" ] || return 0
+  cg=$(sed -n 's/^NODE_CGROUP=//p' "$dir/cluster.env")
+  bridge=$(sed -n 's/^NODE_BRIDGE=//p' "$dir/cluster.env")
+  [ -n "$cg" ] || return 0
+  stop_pid "$dir" kubelet
+  # Every process of every pod: SIGKILL to all in the pods' cgroup root, until none is left.
+  for _ in $(seq 1 50); do
+    pids=$(find "/sys/fs/cgroup/pids$cg" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+    [ -z "$pids" ] && break
+    kill -KILL $pids 2>/dev/null || true
+    sleep 0.1
+  done
+  stop_pid "$dir" containerd
+  for pid in $(pgrep -f "containerd-shim-runc-v2 .*$nd/containerd" || true); do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  # What they mounted under DIR/node (pod volumes, rootfs overlays, netns, shm), deepest first.
+  for m in $(awk -v d="$nd/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+  for c in $(v1_controllers); do
+    [ -d "/sys/fs/cgroup/$c$cg" ] && find "/sys/fs/cgroup/$c$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  [ -n "$bridge" ] && ip link del "$bridge" 2>/dev/null || true
+  if [ -f "$nd/sysctl.orig" ]; then
+    while IFS== read -r k v; do
+      echo "$v" >"/proc/sys/$k" 2>/dev/null || true
+    done <"$nd/sysctl.orig"
+    rm -f "$nd/sysctl.orig"
+  fi
+}
+
+# Stops what `up DIR` started: the kubelet node first (if any), then each pid in DIR/pids.
 # Pids a test added there (e.g. snapshot-controller) go first, the apiserver's clients
 # before it, etcd last.
+# Stops the component whose pid is in DIR/pids/NAME, only while that pid still runs a
+# command line naming DIR (a pid the kernel gave to someone else is left alone).
+stop_pid() { # DIR NAME
+  local f="$1/pids/$2" pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$1"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
 down() {
-  local dir=${1:?usage: down DIR} f pid name extra=""
+  local dir=${1:?usage: down DIR} f name extra=""
   [ -d "$dir/pids" ] || return 0
   dir=$(cd "$dir" && pwd)
+  node_down "$dir"
   for f in "$dir"/pids/*; do
     [ -f "$f" ] || continue
     case "$(basename "$f")" in
@@ -375,26 +660,15 @@ down() {
     esac
   done
   for name in $extra kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    f="$dir/pids/$name"
-    [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$dir"; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
+    stop_pid "$dir" "$name"
   done
   log "down: $dir"
 }
 
 case "${1:-}" in
   build) build ;;
-  up) up "${2:-}" ;;
+  up) up "${2:-}" "${3:-}" ;;
   down) down "${2:-}" ;;
   sync-mod) sync_mod ;;
-  *) die "usage: $0 build | up DIR | down DIR | sync-mod" ;;
+  *) die "usage: $0 build | up DIR [--kubelet] | down DIR | sync-mod" ;;
 esac

@@ -18,10 +18,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(90);
 
-fn pvs(s: &Scope) -> Api<PersistentVolume> {
-    Api::all(s.client.clone())
-}
-
 /// The example StatefulSet (deploy/examples/statefulset.yaml) as a JSON
 /// object, moved to `ns`, claiming from `sc`, with `replicas`.
 fn example_statefulset(ns: &str, sc: &str, replicas: i32) -> serde_json::Value {
@@ -81,38 +77,8 @@ async fn claim_and_pod(
     s.apply_json(&pod).await;
 }
 
-async fn bound_pv(s: &Scope, ns: &str, claim: &str) -> PersistentVolume {
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), ns);
-    let c = wait_for(&pvcs, claim, &format!("claim {claim} Bound"), T, |c| {
-        c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
-    })
-    .await;
-    let pv = c.spec.unwrap().volume_name.unwrap();
-    pvs(s).get(&pv).await.unwrap()
-}
-
-async fn running_pod(s: &Scope, ns: &str, name: &str) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
-    wait_for(&pods, name, &format!("pod {name} Running"), T, |p| {
-        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-    })
-    .await
-}
-
 fn node_of(p: &Pod) -> String {
     p.spec.as_ref().unwrap().node_name.clone().unwrap()
-}
-
-/// Waits for `n` Available PVs on these nodes.
-async fn available(s: &Scope, nodes: &[&str], n: usize) -> Vec<PersistentVolume> {
-    wait_list(
-        &pvs(s),
-        &nodes_selector(nodes),
-        &format!("{n} Available PVs on {nodes:?}"),
-        T,
-        |p| p.iter().filter(|pv| phase(pv) == "Available").count() == n,
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,34 +266,6 @@ async fn the_example_statefulset_lands_one_replica_per_node_on_disklet_pvs() {
     let c = pvcs.get("extra-2").await.unwrap();
     assert_eq!(c.status.unwrap().phase.as_deref(), Some("Pending"));
     let _ = pvcs.list(&ListParams::default()).await.unwrap();
-}
-
-/// The events.k8s.io Events about `object` (a Node or a PV), as (type, reason, note).
-async fn events_about(s: &Scope, object: &str) -> Vec<(String, String, String)> {
-    use k8s_openapi::api::events::v1::Event;
-    let api: Api<Event> = Api::all(s.client.clone());
-    api.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
-fn local_path(pv: &PersistentVolume) -> std::path::PathBuf {
-    std::path::PathBuf::from(&pv.spec.as_ref().unwrap().local.as_ref().unwrap().path)
-}
-
-fn ann<'a>(pv: &'a PersistentVolume, k: &str) -> Option<&'a str> {
-    pv.metadata.annotations.as_ref()?.get(k).map(String::as_str)
 }
 
 async fn scale(s: &Scope, ns: &str, sts: &str, replicas: i32) {

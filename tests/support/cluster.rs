@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
+};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::Resource;
@@ -38,11 +40,23 @@ pub struct Cluster {
     pub bin: PathBuf,
     /// `https://127.0.0.1:<port>`.
     pub server: String,
+    /// The real kubelet's node (`up DIR --kubelet`), if this cluster has one.
+    pub kubelet: Option<KubeletNode>,
     /// Held open until the process exits; the watcher then runs `down`.
     _watch: Mutex<ChildStdin>,
 }
 
+/// The node of the real kubelet (containerd, runc, CNI) on this machine.
+pub struct KubeletNode {
+    pub name: String,
+    /// kubelet's `--root-dir`: pods' volumes are mounted under `pods/<uid>/volumes/`.
+    pub root: PathBuf,
+    /// The one workload image it has (busybox, imported: no registry is reachable).
+    pub image: String,
+}
+
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static KUBELET_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -55,22 +69,28 @@ fn script() -> PathBuf {
 /// The binary's cluster, started on first use (the first start on a machine
 /// builds the components, which takes minutes; later starts take seconds).
 pub fn cluster() -> &'static Cluster {
-    CLUSTER.get_or_init(start)
+    CLUSTER.get_or_init(|| start(false))
 }
 
-fn start() -> Cluster {
+/// The binary's cluster with one real kubelet node beside the kwok ones
+/// (`scripts/test-cluster.sh up DIR --kubelet`). A test binary uses either
+/// this or [`cluster`], never both.
+pub fn kubelet_cluster() -> &'static Cluster {
+    KUBELET_CLUSTER.get_or_init(|| start(true))
+}
+
+fn start(kubelet: bool) -> Cluster {
     let exe = std::env::current_exe().unwrap();
     let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("cluster-{stem}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let st = Command::new("bash")
-        .arg(script())
-        .arg("up")
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .status()
-        .unwrap();
+    let mut up = Command::new("bash");
+    up.arg(script()).arg("up").arg(&dir);
+    if kubelet {
+        up.arg("--kubelet");
+    }
+    let st = up.stdin(Stdio::null()).status().unwrap();
     assert!(
         st.success(),
         "scripts/test-cluster.sh up {} failed (see its output above)",
@@ -98,7 +118,13 @@ fn start() -> Cluster {
             .unwrap()
             .to_string()
     };
+    let kubelet = kubelet.then(|| KubeletNode {
+        name: get("NODE_NAME"),
+        root: Path::new(&get("NODE_DIR")).join("kubelet"),
+        image: get("NODE_IMAGE"),
+    });
     Cluster {
+        kubelet,
         kubeconfig: dir.join("admin.kubeconfig"),
         bin: PathBuf::from(get("BIN")),
         server: format!("https://127.0.0.1:{}", get("APISERVER_PORT")),
@@ -402,7 +428,15 @@ pub struct Scope {
 
 impl Scope {
     pub async fn new(test: &str) -> Scope {
-        let c = cluster();
+        Scope::on(cluster(), test).await
+    }
+
+    /// A scope on the cluster with the real kubelet node.
+    pub async fn with_kubelet(test: &str) -> Scope {
+        Scope::on(kubelet_cluster(), test).await
+    }
+
+    async fn on(c: &'static Cluster, test: &str) -> Scope {
         // A short id from the test's name: DNS-label safe and stable.
         let h = test.bytes().fold(0xcbf29ce484222325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100000001b3)
@@ -592,9 +626,49 @@ impl Scope {
     /// deploy/'s RBAC calls it; the apply is idempotent).
     pub fn apply_deploy(&self) {
         static DONE: OnceLock<()> = OnceLock::new();
-        DONE.get_or_init(|| {
-            self.cluster.kubectl(&["apply", "-k", "deploy/"]);
+        DONE.get_or_init(|| match &self.cluster.kubelet {
+            None => {
+                self.cluster.kubectl(&["apply", "-k", "deploy/"]);
+            }
+            Some(k) => self.apply_deploy_off(&k.name),
         });
+    }
+
+    /// deploy/ with its DaemonSet kept off the real kubelet's node: there it
+    /// would run, as root, an agent configured for every disk of this
+    /// machine. The tests' agent on that node is a process of their own.
+    fn apply_deploy_off(&self, node: &str) {
+        let text = self.cluster.kubectl(&["kustomize", "deploy/"]);
+        let mut items: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let ds = items
+            .iter_mut()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("deploy/ renders a DaemonSet");
+        ds["spec"]["template"]["spec"]["affinity"] = json!({"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kubernetes.io/hostname",
+                                       "operator": "NotIn", "values": [node]}]}]}}});
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let mut child = Command::new(self.cluster.bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.cluster.kubeconfig.display()
+            ))
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(list.to_string().as_bytes())
+            .unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "kubectl apply of deploy/ failed"
+        );
     }
 }
 
@@ -722,16 +796,29 @@ impl Scope {
     ) -> NodeRig {
         self.apply_deploy();
         let node = self.node(n, labels).await;
+        let pod = self.daemonset_pod(&node).await;
+        self.rig_with(&node, &pod, |d| config(d)).await
+    }
+
+    /// An agent for `node` with a token of deploy/'s ServiceAccount bound to
+    /// `pod` (a pod of that account on that node).
+    pub async fn rig_with(
+        &self,
+        node: &str,
+        pod: &Pod,
+        config: impl Fn(&Path) -> String,
+    ) -> NodeRig {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("kubelet")).unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
-        self.agent_kubeconfig(&node, &kubeconfig).await;
+        let token = self.pod_token(pod).await;
+        self.cluster.kubeconfig_with_token(&kubeconfig, &token);
         wait_policy_effective(&kubeconfig).await;
         let config = config(dir.path());
-        let agent = Agent::start_raw(&kubeconfig, dir.path(), "agent", &node, &config, &[]);
+        let agent = Agent::start_raw(&kubeconfig, dir.path(), "agent", node, &config, &[]);
         NodeRig {
             agent: Some(agent),
-            node,
+            node: node.to_string(),
             _sweep: MountSweeper(dir.path().to_path_buf()),
             loops: Vec::new(),
             kubeconfig,
@@ -827,4 +914,69 @@ pub fn affinity(pv: &PersistentVolume, key: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// How long the claim helpers below wait for the cluster to act.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+pub fn pvs(s: &Scope) -> Api<PersistentVolume> {
+    Api::all(s.client.clone())
+}
+
+pub async fn bound_pv(s: &Scope, ns: &str, claim: &str) -> PersistentVolume {
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), ns);
+    let c = wait_for(&pvcs, claim, &format!("claim {claim} Bound"), WAIT, |c| {
+        c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+    })
+    .await;
+    let pv = c.spec.unwrap().volume_name.unwrap();
+    pvs(s).get(&pv).await.unwrap()
+}
+
+pub async fn running_pod(s: &Scope, ns: &str, name: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
+    wait_for(&pods, name, &format!("pod {name} Running"), WAIT, |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await
+}
+
+/// Waits for `n` Available PVs on these nodes.
+pub async fn available(s: &Scope, nodes: &[&str], n: usize) -> Vec<PersistentVolume> {
+    wait_list(
+        &pvs(s),
+        &nodes_selector(nodes),
+        &format!("{n} Available PVs on {nodes:?}"),
+        WAIT,
+        |p| p.iter().filter(|pv| phase(pv) == "Available").count() == n,
+    )
+    .await
+}
+
+/// The events.k8s.io Events about `object` (a Node or a PV), as (type, reason, note).
+pub async fn events_about(s: &Scope, object: &str) -> Vec<(String, String, String)> {
+    use k8s_openapi::api::events::v1::Event;
+    let api: Api<Event> = Api::all(s.client.clone());
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+pub fn local_path(pv: &PersistentVolume) -> std::path::PathBuf {
+    std::path::PathBuf::from(&pv.spec.as_ref().unwrap().local.as_ref().unwrap().path)
+}
+
+pub fn ann<'a>(pv: &'a PersistentVolume, k: &str) -> Option<&'a str> {
+    pv.metadata.annotations.as_ref()?.get(k).map(String::as_str)
 }

@@ -8,6 +8,7 @@ pub mod binder;
 pub mod cluster;
 pub mod csi;
 pub mod csi_cluster;
+pub mod kubelet;
 pub mod load;
 
 use std::io::{BufRead, BufReader, Write};

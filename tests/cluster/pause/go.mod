@@ -1,0 +1,3 @@
+module disklet.test/cluster/pause
+
+go 1.26.0
