@@ -7,6 +7,9 @@
 #                                          kube-scheduler and kwok; writes DIR/admin.kubeconfig
 #   scripts/test-cluster.sh up DIR --kubelet   the same, plus one real node on this machine:
 #                                          containerd, runc, CNI bridge and the real kubelet
+#   scripts/test-cluster.sh kubelet-restart DIR   kubelet stopped and started (pods keep running)
+#   scripts/test-cluster.sh node-reboot DIR   the node's power cut and boot: pods, kubelet,
+#                                          containerd gone, their mounts too; then started again
 #   scripts/test-cluster.sh down DIR       stop exactly what `up DIR` started, by pid
 #   scripts/test-cluster.sh sync-mod       rewrite tests/cluster/*/go.mod from versions.env and
 #                                          the Kubernetes release's own go.mod
@@ -461,8 +464,10 @@ node_up() { # DIR BIN SERVER PKI PORT
   mkdir -p "$nd/containerd" "$nd/cni/net.d" "$nd/kubelet" "$nd/pki" "$nd/pod-logs"
   cg="/disklet-test-$port"
   kp=$(free_port)
-  printf 'NODE_NAME=%s\nNODE_DIR=%s\nNODE_IMAGE=%s\nNODE_CGROUP=%s\nNODE_BRIDGE=dkl%s\n' \
-    "$node_name" "$nd" "$BUSYBOX_IMAGE" "$cg" "$port" >>"$dir/cluster.env"
+  printf 'NODE_NAME=%s\nNODE_DIR=%s\nNODE_IP=%s\nNODE_IMAGE=%s\nNODE_CGROUP=%s\nNODE_BRIDGE=dkl%s\n' \
+    "$node_name" "$nd" "$ip" "$BUSYBOX_IMAGE" "$cg" "$port" >>"$dir/cluster.env"
+  mkdir -p "$nd/images"
+  cp "$images/pause.tar" "$images/busybox.tar" "$nd/images/"
   # kubelet sets these on start (protectKernelDefaults off); down puts them back.
   for c in vm/overcommit_memory kernel/panic kernel/panic_on_oops; do
     echo "$c=$(cat "/proc/sys/$c")"
@@ -536,21 +541,6 @@ CT
             "dataDir": "$nd/cni/ipam"}},
   {"type": "loopback"}]}
 CNI
-  start "$dir" containerd env PATH="$bin:$PATH" "$bin/containerd" --config "$nd/containerd/config.toml"
-  wait_for "containerd" 60 "$dir" "$bin/ctr" --address "$nd/containerd/containerd.sock" version
-  local ctr="$bin/ctr --address $nd/containerd/containerd.sock -n k8s.io"
-  $ctr images import "$images/pause.tar" >/dev/null 2>&1
-  $ctr images import "$images/busybox.tar" >/dev/null 2>&1
-  $ctr images label "$PAUSE_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1
-  $ctr images label "$BUSYBOX_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1
-  # The pods' cgroup root, in every v1 hierarchy (cpuset's needs its cpus and mems).
-  for c in $(v1_controllers); do
-    mkdir -p "/sys/fs/cgroup/$c$cg"
-  done
-  if [ -d "/sys/fs/cgroup/cpuset$cg" ]; then
-    cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset$cg/cpuset.cpus"
-    cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset$cg/cpuset.mems"
-  fi
   # Eviction and image GC off in effect: this machine's disk is shared and mostly full,
   # and the imported images can never be pulled again.
   cat >"$nd/kubelet-config.yaml" <<KY
@@ -581,24 +571,57 @@ imageGCLowThresholdPercent: 99
 maxPods: 30
 serializeImagePulls: false
 KY
-  start "$dir" kubelet "$bin/kubelet" --config="$nd/kubelet-config.yaml" \
-    --kubeconfig="$nd/kubelet.kubeconfig" --root-dir="$nd/kubelet" --cert-dir="$nd/kubelet/pki" \
-    --hostname-override="$node_name" --node-ip="$ip" \
-    --node-labels=disklet.test/real-kubelet=true
-  wait_for "node $node_name Ready (the kubelet)" 120 "$dir" bash -c \
-    "'$bin/kubectl' --kubeconfig='$dir/admin.kubeconfig' get node '$node_name' \
-      -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+  node_start "$dir"
   log "kubelet node $node_name Ready ($ip:$kp, root dir $nd/kubelet)"
 }
 
-# Undoes node_up; every step tolerates what is already gone.
-node_down() { # DIR
-  local dir=$1 nd cg bridge pid pids c m k v
-  nd="$dir/node"
-  [ -f "$dir/cluster.env" ] || return 0
-  cg=$(sed -n 's/^NODE_CGROUP=//p' "$dir/cluster.env")
-  bridge=$(sed -n 's/^NODE_BRIDGE=//p' "$dir/cluster.env")
-  [ -n "$cg" ] || return 0
+# The node's VALUE from DIR/cluster.env.
+node_env() { # DIR KEY
+  sed -n "s/^$2=//p" "$1/cluster.env"
+}
+
+# Starts containerd (with the images imported) and the kubelet, and waits for the
+# node to be Ready: at `up`, and again after `node-reboot`.
+node_start() { # DIR
+  local dir=$1 bin nd ip cg c ctr
+  bin=$(node_env "$dir" BIN) nd=$(node_env "$dir" NODE_DIR) ip=$(node_env "$dir" NODE_IP)
+  cg=$(node_env "$dir" NODE_CGROUP)
+  start "$dir" containerd env PATH="$bin:$PATH" "$bin/containerd" --config "$nd/containerd/config.toml"
+  wait_for "containerd" 60 "$dir" "$bin/ctr" --address "$nd/containerd/containerd.sock" version
+  ctr="$bin/ctr --address $nd/containerd/containerd.sock -n k8s.io"
+  $ctr images import "$nd/images/pause.tar" >/dev/null 2>&1
+  $ctr images import "$nd/images/busybox.tar" >/dev/null 2>&1
+  $ctr images label "$PAUSE_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1
+  $ctr images label "$BUSYBOX_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1
+  # The pods' cgroup root, in every v1 hierarchy (cpuset's needs its cpus and mems).
+  for c in $(v1_controllers); do
+    mkdir -p "/sys/fs/cgroup/$c$cg"
+  done
+  if [ -d "/sys/fs/cgroup/cpuset$cg" ]; then
+    cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset$cg/cpuset.cpus"
+    cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset$cg/cpuset.mems"
+  fi
+  kubelet_start "$dir"
+}
+
+kubelet_start() { # DIR
+  local dir=$1 bin nd name
+  bin=$(node_env "$dir" BIN) nd=$(node_env "$dir" NODE_DIR) name=$(node_env "$dir" NODE_NAME)
+  start "$dir" kubelet "$bin/kubelet" --config="$nd/kubelet-config.yaml" \
+    --kubeconfig="$nd/kubelet.kubeconfig" --root-dir="$nd/kubelet" --cert-dir="$nd/kubelet/pki" \
+    --hostname-override="$name" --node-ip="$(node_env "$dir" NODE_IP)" \
+    --node-labels=disklet.test/real-kubelet=true
+  wait_for "node $name Ready (the kubelet)" 120 "$dir" bash -c \
+    "'$bin/kubectl' --kubeconfig='$dir/admin.kubeconfig' get node '$name' \
+      -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+}
+
+# What a power cut does to the node: every pod's process killed, kubelet, containerd and
+# the shims gone, everything they mounted under DIR/node unmounted. Their state on disk
+# stays (kubelet's root dir, containerd's root), as it would on a disk.
+node_stop() { # DIR
+  local dir=$1 nd cg pid pids m f
+  nd=$(node_env "$dir" NODE_DIR) cg=$(node_env "$dir" NODE_CGROUP)
   stop_pid "$dir" kubelet
   # Every process of every pod: SIGKILL to all in the pods' cgroup root, until none is left.
   for _ in $(seq 1 50); do
@@ -611,10 +634,27 @@ node_down() { # DIR
   for pid in $(pgrep -f "containerd-shim-runc-v2 .*$nd/containerd" || true); do
     kill -KILL "$pid" 2>/dev/null || true
   done
-  # What they mounted under DIR/node (pod volumes, rootfs overlays, netns, shm), deepest first.
+  # kubelet's own loop devices over the pods' block volumes (it attaches one per mapped
+  # device, backed by a file under its root dir), then what they mounted under DIR/node
+  # (pod volumes, rootfs overlays, netns, shm), deepest first.
+  for f in /sys/block/loop*/loop/backing_file; do
+    case "$(cat "$f" 2>/dev/null)" in
+      "$nd"/*) losetup -d "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null || true ;;
+    esac
+  done
   for m in $(awk -v d="$nd/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
+}
+
+# Undoes node_up; every step tolerates what is already gone.
+node_down() { # DIR
+  local dir=$1 nd cg bridge c k v
+  [ -f "$dir/cluster.env" ] || return 0
+  cg=$(node_env "$dir" NODE_CGROUP)
+  [ -n "$cg" ] || return 0
+  nd=$(node_env "$dir" NODE_DIR) bridge=$(node_env "$dir" NODE_BRIDGE)
+  node_stop "$dir"
   for c in $(v1_controllers); do
     [ -d "/sys/fs/cgroup/$c$cg" ] && find "/sys/fs/cgroup/$c$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
   done
@@ -627,9 +667,6 @@ node_down() { # DIR
   fi
 }
 
-# Stops what `up DIR` started: the kubelet node first (if any), then each pid in DIR/pids.
-# Pids a test added there (e.g. snapshot-controller) go first, the apiserver's clients
-# before it, etcd last.
 # Stops the component whose pid is in DIR/pids/NAME, only while that pid still runs a
 # command line naming DIR (a pid the kernel gave to someone else is left alone).
 stop_pid() { # DIR NAME
@@ -651,7 +688,9 @@ down() {
   local dir=${1:?usage: down DIR} f name extra=""
   [ -d "$dir/pids" ] || return 0
   dir=$(cd "$dir" && pwd)
-  node_down "$dir"
+  # Best effort, every step (and not under set -e): what cannot be undone now must not
+  # keep the control plane running.
+  node_down "$dir" || true
   for f in "$dir"/pids/*; do
     [ -f "$f" ] || continue
     case "$(basename "$f")" in
@@ -668,7 +707,9 @@ down() {
 case "${1:-}" in
   build) build ;;
   up) up "${2:-}" "${3:-}" ;;
+  kubelet-restart) stop_pid "$(cd "${2:?usage: kubelet-restart DIR}" && pwd)" kubelet && kubelet_start "$(cd "$2" && pwd)" ;;
+  node-reboot) { node_stop "$(cd "${2:?usage: node-reboot DIR}" && pwd)" || true; } && node_start "$(cd "$2" && pwd)" ;;
   down) down "${2:-}" ;;
   sync-mod) sync_mod ;;
-  *) die "usage: $0 build | up DIR [--kubelet] | down DIR | sync-mod" ;;
+  *) die "usage: $0 build | up DIR [--kubelet] | kubelet-restart DIR | node-reboot DIR | down DIR | sync-mod" ;;
 esac

@@ -10,7 +10,7 @@
 mod support;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::Api;
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
 use support::cluster::*;
 use support::kubelet::*;
@@ -54,6 +54,7 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
     if skip_unless_root("a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back") {
         return;
     }
+    let _node = exclusive().await;
     let s = Scope::with_kubelet("fs-pod").await;
     let k = s.kubelet_node();
     let sc = s.storage_class("fast", json!({})).await;
@@ -61,7 +62,7 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
         .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
         .await;
     rig.disk("disks", "d1", 320);
-    available(&s, &[&k.name], 1).await;
+    available_of(&s, &k.name, &sc, 1).await;
     let ns = s.namespace("app").await;
     let token = proof();
     claim_and_pod(
@@ -125,7 +126,7 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     delete(&pvcs, "writer").await;
     wait_gone(&pvs(&s), &name_of(&pv), "the released PV recycled", WAIT).await;
-    let fresh = available(&s, &[&k.name], 1).await.remove(0);
+    let fresh = available_of(&s, &k.name, &sc, 1).await.remove(0);
     assert_ne!(name_of(&fresh), name_of(&pv));
     assert_eq!(
         std::fs::read_dir(local_path(&fresh)).unwrap().count(),
@@ -138,5 +139,335 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
         ev.iter().chain(&ev_node).any(|(_, r, _)| r == "Recycled"),
         "{ev:?} {ev_node:?}"
     );
+    clear_pods(&s, &ns).await;
+    drop(rig);
+}
+
+/// The pod's log once it has two lines (kubelet's own `kubectl logs` path).
+fn wait_logs(s: &Scope, ns: &str, pod: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = s.cluster.kubectl(&["-n", ns, "logs", pod]);
+        if out.lines().count() >= 2 {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod {pod} logged only {out:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Polls until `file` holds `want` (the pod's write reaching the disk).
+fn wait_file(file: &std::path::Path, want: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::read_to_string(file)
+        .map(|t| t.trim().to_string())
+        .ok()
+        .as_deref()
+        != Some(want)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never held {want}",
+            file.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Polls until `file`'s content is no longer `old` (a running writer).
+fn wait_changed(file: &std::path::Path, old: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = std::fs::read_to_string(file).unwrap_or_default();
+        if now != old {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} stopped changing",
+            file.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_volume_kubelet_still_mounts_is_wiped_only_after_kubelets_unmount() {
+    if skip_unless_root(
+        "a_released_volume_kubelet_still_mounts_is_wiped_only_after_kubelets_unmount",
+    ) {
+        return;
+    }
+    let _node = exclusive().await;
+    let s = Scope::with_kubelet("held").await;
+    let k = s.kubelet_node();
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
+        .await;
+    rig.disk("disks", "d1", 320);
+    available_of(&s, &k.name, &sc, 1).await;
+    let ns = s.namespace("app").await;
+    let token = proof();
+    claim_and_pod(
+        &s,
+        &ns,
+        "holder",
+        &sc,
+        false,
+        &format!("echo {token} > /data/proof && sync && while true; do date +%s%N > /data/beat; sleep 0.1; done"),
+    )
+    .await;
+    let pod = running_pod(&s, &ns, "holder").await;
+    let pv = bound_pv(&s, &ns, "holder").await;
+    let vol = local_path(&pv);
+    wait_file(&vol.join("proof"), &token);
+    let mounted = pod_volume_dir(k, &pod, &pv);
+    assert!(is_mount_point(&mounted));
+
+    // kubelet frozen: the pod is force-deleted from the API and its claim
+    // deleted, so the PV is Released while kubelet's mount of it stays and
+    // the container still writes through it.
+    let frozen = Frozen::new(k);
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    pods.delete(
+        "holder",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_gone(&pods, "holder", "the holder pod gone from the API", WAIT).await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "holder").await;
+    wait_for(&pvs(&s), &name_of(&pv), "the PV Released", WAIT, |p| {
+        phase(p) == "Released"
+    })
+    .await;
+    rig.agent().wait_log("VolumeInUse");
+    let beat = std::fs::read_to_string(vol.join("beat")).unwrap();
+    wait_changed(&vol.join("beat"), &beat);
+    assert_eq!(
+        std::fs::read_to_string(vol.join("proof")).unwrap().trim(),
+        token,
+        "a volume kubelet still mounts is never wiped"
+    );
+    assert!(is_mount_point(&mounted));
+    let ev = events_about(&s, &name_of(&pv)).await;
+    assert!(
+        ev.iter().any(|(t, r, n)| t == "Warning"
+            && r == "VolumeInUse"
+            && n.contains(mounted.to_str().unwrap())),
+        "{ev:?}"
+    );
+
+    // kubelet resumes: it kills the orphaned container and unmounts; only
+    // then is the volume recycled.
+    drop(frozen);
+    wait_gone(&pvs(&s), &name_of(&pv), "the released PV recycled", WAIT).await;
+    assert!(
+        !is_mount_point(&mounted),
+        "recycled while {} was mounted",
+        mounted.display()
+    );
+    let fresh = available_of(&s, &k.name, &sc, 1).await.remove(0);
+    assert_eq!(
+        std::fs::read_dir(local_path(&fresh)).unwrap().count(),
+        0,
+        "the fresh volume is empty"
+    );
+    clear_pods(&s, &ns).await;
+    drop(rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_pod_writes_the_raw_disk_and_the_next_tenant_reads_zeroes() {
+    if skip_unless_root("a_block_pod_writes_the_raw_disk_and_the_next_tenant_reads_zeroes") {
+        return;
+    }
+    let _node = exclusive().await;
+    let s = Scope::with_kubelet("block-pod").await;
+    let k = s.kubelet_node();
+    let sc = s.storage_class("raw", json!({})).await;
+    let mut rig = s
+        .kubelet_rig(|d| {
+            std::fs::create_dir_all(d.join("blockdir")).unwrap();
+            format!(
+                "{}  - name: raw\n    storageClassName: {sc}\n    volumeMode: Block\n    discoveryDirs: [{}/blockdir]\n",
+                loop_config(d, "", &[]),
+                d.display()
+            )
+        })
+        .await;
+    let raw_dev = rig.disk("raw", "r1", 128).path().to_string();
+    std::os::unix::fs::symlink(&raw_dev, rig.path().join("blockdir/r1")).unwrap();
+    let first = available_of(&s, &k.name, &sc, 1).await.remove(0);
+    assert_eq!(
+        first.spec.as_ref().unwrap().volume_mode.as_deref(),
+        Some("Block")
+    );
+    let ns = s.namespace("app").await;
+    let token = proof();
+    // The container sees the device at /dev/xvda and writes the token at
+    // offset 0, one 4 KiB block, flushed to the disk.
+    claim_and_pod(
+        &s,
+        &ns,
+        "blk",
+        &sc,
+        true,
+        &format!("printf %s {token} | dd of=/dev/xvda bs=4096 conv=sync,fsync && exec sleep 3600"),
+    )
+    .await;
+    running_pod(&s, &ns, "blk").await;
+    let pv = bound_pv(&s, &ns, "blk").await;
+    assert_eq!(name_of(&pv), name_of(&first));
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let head = std::fs::read(&raw_dev).unwrap();
+        if head.starts_with(token.as_bytes()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pod's bytes never reached {raw_dev}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // Pod and claim deleted: kubelet unmaps the device, disklet cleans it
+    // and publishes it again; the next tenant reads zeroes where the first
+    // one wrote.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "blk").await;
+    wait_gone(&pods, "blk", "the block pod gone", WAIT).await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "blk").await;
+    wait_for(
+        &pvs(&s),
+        &name_of(&first),
+        "the raw PV published again, a new object",
+        WAIT,
+        |p| p.metadata.uid != first.metadata.uid && phase(p) == "Available",
+    )
+    .await;
+    let head = std::fs::read(&raw_dev).unwrap();
+    assert!(
+        head[..1 << 20].iter().all(|b| *b == 0),
+        "the first tenant's bytes are gone"
+    );
+    claim_and_pod(
+        &s,
+        &ns,
+        "next",
+        &sc,
+        true,
+        "dd if=/dev/xvda bs=4096 count=1 2>/dev/null | od -An -c | head -2; exec sleep 3600",
+    )
+    .await;
+    running_pod(&s, &ns, "next").await;
+    let out = wait_logs(&s, &ns, "next");
+    // od -c of 4 KiB of zeroes: one line of sixteen \0, then "*".
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .all(|c| c == "\\0"),
+        "the next tenant reads: {out}"
+    );
+    clear_pods(&s, &ns).await;
+    drop(rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_and_agent_restarts_and_a_reboot_bring_the_pod_back_with_its_data() {
+    if skip_unless_root("kubelet_and_agent_restarts_and_a_reboot_bring_the_pod_back_with_its_data")
+    {
+        return;
+    }
+    let _node = exclusive().await;
+    let s = Scope::with_kubelet("reboot-pod").await;
+    let k = s.kubelet_node();
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
+        .await;
+    rig.disk("disks", "d1", 320);
+    available_of(&s, &k.name, &sc, 1).await;
+    let ns = s.namespace("app").await;
+    // Every start of the container appends one line: the first one is the
+    // first boot's, and stays only if the data does.
+    claim_and_pod(
+        &s,
+        &ns,
+        "db",
+        &sc,
+        false,
+        "date +%s%N >> /data/boots && sync && exec sleep 3600",
+    )
+    .await;
+    let pod = running_pod(&s, &ns, "db").await;
+    let pv = bound_pv(&s, &ns, "db").await;
+    let boots = local_path(&pv).join("boots");
+    wait_changed(&boots, "");
+    let first = std::fs::read_to_string(&boots).unwrap();
+    let mounted = pod_volume_dir(k, &pod, &pv);
+
+    // kubelet and the agent restarted, as after a container restart: the
+    // mounts stay, the pod runs on untouched.
+    node_script(s.cluster, "kubelet-restart");
+    rig.restart();
+    rig.agent().wait_log("ready: first reconcile done");
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let now = pods.get("db").await.unwrap();
+    let status = now.status.as_ref().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(
+        status.container_statuses.as_ref().unwrap()[0].restart_count,
+        0
+    );
+    assert!(is_mount_point(&mounted));
+    assert_eq!(std::fs::read_to_string(&boots).unwrap(), first);
+    let same = pvs(&s).get(&name_of(&pv)).await.unwrap();
+    assert_eq!(
+        (same.metadata.uid.clone(), phase(&same)),
+        (pv.metadata.uid.clone(), "Bound")
+    );
+
+    // A reboot: the agent, pods, kubelet and containerd gone with every
+    // mount (the agent's of the disk too); then all start again. The agent
+    // mounts the disk at the same path, kubelet starts the pod again on it.
+    drop(rig.agent.take());
+    support::agent::MountSweeper(rig.path().join("hostdir")).sweep();
+    assert!(!boots.exists(), "the disk is unmounted as by a reboot");
+    node_script(s.cluster, "node-reboot");
+    rig.restart();
+    let deadline = std::time::Instant::now() + WAIT;
+    let again = loop {
+        let text = std::fs::read_to_string(&boots).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pod never started again on its data: {text:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        again.starts_with(&first),
+        "the first boot's line is kept: {again:?}"
+    );
+    let pod = running_pod(&s, &ns, "db").await;
+    assert!(is_mount_point(&pod_volume_dir(k, &pod, &pv)));
+    let same = pvs(&s).get(&name_of(&pv)).await.unwrap();
+    assert_eq!(same.metadata.uid, pv.metadata.uid, "the same PV throughout");
+    clear_pods(&s, &ns).await;
     drop(rig);
 }

@@ -53,6 +53,8 @@ pub struct KubeletNode {
     pub root: PathBuf,
     /// The one workload image it has (busybox, imported: no registry is reachable).
     pub image: String,
+    /// The file holding the kubelet's pid.
+    pub pid_file: PathBuf,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -122,6 +124,7 @@ fn start(kubelet: bool) -> Cluster {
         name: get("NODE_NAME"),
         root: Path::new(&get("NODE_DIR")).join("kubelet"),
         image: get("NODE_IMAGE"),
+        pid_file: dir.join("pids/kubelet"),
     });
     Cluster {
         kubelet,

@@ -10,6 +10,41 @@ use serde_json::json;
 
 use super::cluster::{name_of, wait_for, KubeletNode, NodeRig, Scope};
 
+/// One test at a time on the kubelet node: there is one such node, and two
+/// agents on one node would each take the other's PVs for their own.
+/// Every test on it holds this for its whole run.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    NODE.lock().await
+}
+
+/// Waits for `n` Available PVs of StorageClass `sc` on `node` (earlier
+/// tests' PVs on the same node are of other classes).
+pub async fn available_of(s: &Scope, node: &str, sc: &str, n: usize) -> Vec<PersistentVolume> {
+    let of = |pv: &PersistentVolume| {
+        pv.spec
+            .as_ref()
+            .and_then(|p| p.storage_class_name.as_deref())
+            == Some(sc)
+    };
+    super::cluster::wait_list(
+        &super::cluster::pvs(s),
+        &super::cluster::nodes_selector(&[node]),
+        &format!("{n} Available PVs of {sc} on {node}"),
+        super::cluster::WAIT,
+        |p| {
+            p.iter()
+                .filter(|pv| of(pv) && super::cluster::phase(pv) == "Available")
+                .count()
+                == n
+        },
+    )
+    .await
+    .into_iter()
+    .filter(|pv| of(pv) && super::cluster::phase(pv) == "Available")
+    .collect()
+}
+
 impl Scope {
     /// The real kubelet's node.
     pub fn kubelet_node(&self) -> &'static KubeletNode {
@@ -78,4 +113,57 @@ pub fn is_mount_point(path: &Path) -> bool {
         .unwrap()
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// The kubelet stopped (SIGSTOP) until this drops (SIGCONT), even on panic:
+/// a kubelet that does nothing, as one that hangs or is slow to act does.
+pub struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    pub fn new(k: &KubeletNode) -> Frozen {
+        let pid: i32 = std::fs::read_to_string(&k.pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// `scripts/test-cluster.sh CMD DIR` on the cluster's dir (`kubelet-restart`,
+/// `node-reboot`).
+pub fn node_script(c: &super::cluster::Cluster, cmd: &str) {
+    let st = std::process::Command::new("bash")
+        .arg(super::cluster::repo().join("scripts/test-cluster.sh"))
+        .arg(cmd)
+        .arg(&c.dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/test-cluster.sh {cmd} failed");
+}
+
+/// Deletes every pod in `ns` and waits until they are gone, which on the
+/// kubelet node means kubelet has unmounted and unmapped their volumes (it
+/// removes a pod only then). Tests end with it, so no pod outlives its test.
+pub async fn clear_pods(s: &Scope, ns: &str) {
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
+    for p in pods.list(&Default::default()).await.unwrap() {
+        let name = name_of(&p);
+        super::cluster::delete(&pods, &name).await;
+        super::cluster::wait_gone(
+            &pods,
+            &name,
+            &format!("pod {name} gone"),
+            super::cluster::WAIT,
+        )
+        .await;
+    }
 }
