@@ -471,3 +471,156 @@ async fn kubelet_and_agent_restarts_and_a_reboot_bring_the_pod_back_with_its_dat
     clear_pods(&s, &ns).await;
     drop(rig);
 }
+
+/// The mount points of `dev` in this process's mount table.
+fn mounts_of(dev: &str) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev).unwrap().rdev();
+    let id = format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(2) == Some(id.as_str()))
+        .map(|l| l.split(' ').nth(4).unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_formats_a_publish_fs_type_disk_and_disklet_keeps_then_wipes_it() {
+    if skip_unless_root("kubelet_formats_a_publish_fs_type_disk_and_disklet_keeps_then_wipes_it") {
+        return;
+    }
+    // A raw publish needs a path that survives reboots, a /dev/disk/by-id
+    // link: udevd makes one for this test's loop, by a rule of the test's.
+    let Some(_udevd) = Udevd::start() else {
+        eprintln!("SKIPPED kubelet_formats_a_publish_fs_type_disk_and_disklet_keeps_then_wipes_it: systemd-udevd is not installed (apt-get install udev)");
+        return;
+    };
+    let _node = exclusive().await;
+    let s = Scope::with_kubelet("fstype-pod").await;
+    let k = s.kubelet_node();
+    let sc = s.storage_class("byk", json!({})).await;
+    let mut rig = s
+        .kubelet_rig(|d| {
+            loop_config(
+                d,
+                "",
+                &[("byk", &sc, "disks", "fsType: ext4\npublishFsType: true")],
+            )
+        })
+        .await;
+    let tag = format!("disklet-kubelet-{}", std::process::id());
+    let _rule = UdevRule::new(
+        &format!("99-{tag}.rules"),
+        &format!(
+            "ACTION!=\"remove\", SUBSYSTEM==\"block\", KERNEL==\"loop*\", ATTR{{loop/backing_file}}==\"{}/*\", SYMLINK+=\"disk/by-id/{tag}-$kernel\"\n",
+            rig.path().join("disks").display()
+        ),
+    );
+    let lp = rig.disk("disks", "k1", 320);
+    let (dev, link) = (
+        lp.path().to_string(),
+        format!("/dev/disk/by-id/{tag}-{}", lp.name()),
+    );
+    let first = available_of(&s, &k.name, &sc, 1).await.remove(0);
+    let local = first.spec.as_ref().unwrap().local.as_ref().unwrap();
+    assert_eq!(
+        (local.path.as_str(), local.fs_type.as_deref()),
+        (link.as_str(), Some("ext4"))
+    );
+    assert_eq!(
+        support::agent::blkid(&dev, "TYPE"),
+        "",
+        "disklet published it raw"
+    );
+    let ns = s.namespace("app").await;
+    let token = proof();
+    claim_and_pod(
+        &s,
+        &ns,
+        "w",
+        &sc,
+        false,
+        &format!("echo {token} > /data/proof && sync && exec sleep 3600"),
+    )
+    .await;
+    running_pod(&s, &ns, "w").await;
+    let pv = bound_pv(&s, &ns, "w").await;
+    assert_eq!(name_of(&pv), name_of(&first));
+    // kubelet made the filesystem and mounted the disk itself.
+    assert_eq!(
+        support::agent::blkid(&dev, "TYPE"),
+        "ext4",
+        "kubelet formatted it"
+    );
+    let at = mounts_of(&dev);
+    let global = at
+        .iter()
+        .find(|m| m.starts_with(k.root.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("kubelet has no mount of {dev}: {at:?}"));
+    wait_file(&std::path::Path::new(global).join("proof"), &token);
+
+    // A new agent finds the disk with kubelet's filesystem on it: the PV's,
+    // kept as it is (not withdrawn, not refused as foreign, not touched).
+    let uuid = support::agent::blkid(&dev, "UUID");
+    rig.restart();
+    rig.agent().wait_log("ready: first reconcile done");
+    let still = pvs(&s).get(&name_of(&pv)).await.unwrap();
+    assert_eq!(
+        (still.metadata.uid.clone(), phase(&still)),
+        (pv.metadata.uid.clone(), "Bound")
+    );
+    assert_eq!(
+        support::agent::blkid(&dev, "UUID"),
+        uuid,
+        "kubelet's filesystem untouched"
+    );
+
+    // Released: kubelet unmounts, disklet wipes kubelet's filesystem and
+    // publishes the disk raw again; the next claim gets a fresh one.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "w").await;
+    wait_gone(&pods, "w", "the pod gone", WAIT).await;
+    assert!(mounts_of(&dev).is_empty(), "kubelet left {dev} mounted");
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "w").await;
+    wait_for(
+        &pvs(&s),
+        &name_of(&first),
+        "the PV published again, a new object",
+        WAIT,
+        |p| p.metadata.uid != first.metadata.uid && phase(p) == "Available",
+    )
+    .await;
+    assert_eq!(
+        support::agent::blkid(&dev, "TYPE"),
+        "",
+        "kubelet's filesystem wiped"
+    );
+    claim_and_pod(
+        &s,
+        &ns,
+        "n",
+        &sc,
+        false,
+        "ls -A /data; echo end; exec sleep 3600",
+    )
+    .await;
+    running_pod(&s, &ns, "n").await;
+    let out = wait_logs(&s, &ns, "n");
+    assert!(
+        !out.contains("proof"),
+        "the next tenant sees the first one's file: {out}"
+    );
+    assert_ne!(
+        support::agent::blkid(&dev, "UUID"),
+        uuid,
+        "a filesystem of its own"
+    );
+    clear_pods(&s, &ns).await;
+    drop(rig);
+}
