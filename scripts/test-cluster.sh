@@ -78,6 +78,7 @@ sync_mod() {
       go mod tidy
     )
   done
+  (cd "$mods/registrar" && printf 'module disklet.test/cluster/registrar\n\ngo 1.26.0\n\nrequire k8s.io/kubelet v0.%s\n' "${K8S_VERSION#v1.}" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/containerd" && printf 'module disklet.test/cluster/containerd\n\ngo 1.26.0\n\nrequire github.com/containerd/containerd/v2 %s\n' "$CONTAINERD_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/etcd" && printf 'module disklet.test/cluster/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >go.mod && rm -f go.sum && go mod tidy)
   (cd "$mods/csi-test" && printf 'module disklet.test/cluster/csi-test\n\ngo 1.26.0\n\nrequire github.com/kubernetes-csi/csi-test/v5 %s\n' "$CSI_TEST_VERSION" >go.mod && rm -f go.sum && go mod tidy)
@@ -213,16 +214,22 @@ build() {
     github.com/containerd/containerd/v2/cmd/containerd \
     github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
     github.com/containerd/containerd/v2/cmd/ctr
+  # Registers disklet csi with the kubelet node's kubelet in node-driver-registrar's
+  # place (tests/cluster/registrar/main.go says why).
+  local gdir
+  gdir=$(key_dir registrar "$K8S_VERSION" "$mods/registrar")
+  build_one registrar "$K8S_VERSION" "$mods/registrar" "" .
   flock -u 9
   # One dir of links, so callers need one PATH entry; named by what it links.
   local bin
-  bin="$cache/bin-$(for d in "$kdir" "$edir" "$wdir" "$cdir" "$pdir" "$sdir" "$rdir" "$ldir" "$ctdir"; do basename "$d"; done | sha256sum | cut -c1-12)"
+  bin="$cache/bin-$(for d in "$kdir" "$edir" "$wdir" "$cdir" "$pdir" "$sdir" "$rdir" "$ldir" "$ctdir" "$gdir"; do basename "$d"; done | sha256sum | cut -c1-12)"
   mkdir -p "$bin"
   ln -sf "$cdir/csi-sanity" "$pdir/csi-provisioner" "$sdir/csi-snapshotter" "$sdir/snapshot-controller" \
     "$sdir/snapshot-crds.yaml" "$rdir/csi-resizer" "$bin/"
   ln -sf "$kdir"/kube-apiserver "$kdir"/kube-controller-manager "$kdir"/kube-scheduler "$kdir"/kubectl "$bin/"
   ln -sf "$edir/etcd" "$wdir/kwok" "$wdir/kwok-stages.yaml" "$bin/"
-  ln -sf "$ldir/kubelet" "$ctdir/containerd" "$ctdir/containerd-shim-runc-v2" "$ctdir/ctr" "$bin/"
+  ln -sf "$ldir/kubelet" "$ctdir/containerd" "$ctdir/containerd-shim-runc-v2" "$ctdir/ctr" \
+    "$gdir/registrar" "$bin/"
   echo "$bin"
 }
 

@@ -624,3 +624,106 @@ async fn kubelet_formats_a_publish_fs_type_disk_and_disklet_keeps_then_wipes_it(
     clear_pods(&s, &ns).await;
     drop(rig);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csi_volume_is_staged_and_published_by_the_real_kubelet() {
+    if skip_unless_root("a_csi_volume_is_staged_and_published_by_the_real_kubelet") {
+        return;
+    }
+    use k8s_openapi::api::storage::v1::CSINode;
+    use support::csi_cluster::*;
+    let _node = exclusive().await;
+    let s = Scope::with_kubelet("csi-pod").await;
+    let k = s.kubelet_node();
+    let sc = csi_class(
+        &s,
+        "csi",
+        json!({"volumeBindingMode": "WaitForFirstConsumer"}),
+    )
+    .await;
+    let pool_sc = s.storage_class("pool", json!({})).await;
+    let node = csi_kubelet_node(&s, &pool_sc, 1024).await;
+    // kubelet registered the driver (through the registrar) and asked it
+    // for its node info: the CSINode is kubelet's.
+    let csinodes: Api<CSINode> = Api::all(s.client.clone());
+    let cn = wait_for(
+        &csinodes,
+        &k.name,
+        "kubelet's CSINode with disklet's driver",
+        WAIT,
+        |n| n.spec.drivers.iter().any(|d| d.name == DRIVER),
+    )
+    .await;
+    let d = cn.spec.drivers.iter().find(|d| d.name == DRIVER).unwrap();
+    assert_eq!(d.node_id, k.name);
+    assert_eq!(
+        d.topology_keys.as_deref(),
+        Some(&["kubernetes.io/hostname".to_string()][..])
+    );
+    let free = wait_capacity(&s, &sc, &k.name, |c| c > 0).await;
+
+    let ns = s.namespace("app").await;
+    let token = proof();
+    claim_and_pod(
+        &s,
+        &ns,
+        "c",
+        &sc,
+        false,
+        &format!("echo {token} > /data/proof && sync && exec sleep 3600"),
+    )
+    .await;
+    let pod = running_pod(&s, &ns, "c").await;
+    assert_eq!(
+        pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(k.name.as_str())
+    );
+    let pv = bound_pv(&s, &ns, "c").await;
+    assert_eq!(
+        pv.spec.as_ref().unwrap().csi.as_ref().unwrap().driver,
+        DRIVER
+    );
+    // kubelet's own staging and publish mounts, and the pod's write in the
+    // volume as the host sees it there.
+    let target = k
+        .root
+        .join("pods")
+        .join(pod.metadata.uid.as_deref().unwrap())
+        .join("volumes/kubernetes.io~csi")
+        .join(name_of(&pv))
+        .join("mount");
+    assert!(
+        is_mount_point(&target),
+        "kubelet did not publish at {}",
+        target.display()
+    );
+    wait_file(&target.join("proof"), &token);
+    let staged = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(k.root.join("plugins/kubernetes.io/csi").to_str().unwrap()))
+        .count();
+    assert!(
+        staged >= 1,
+        "kubelet staged nothing under plugins/kubernetes.io/csi"
+    );
+    let used = wait_capacity(&s, &sc, &k.name, |c| c < free).await;
+    assert!(used < free);
+
+    // The pod deleted: kubelet unpublishes and unstages through the driver;
+    // the claim deleted: csi-provisioner deletes the volume, capacity is back.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pods, "c").await;
+    wait_gone(&pods, "c", "the pod gone", WAIT).await;
+    assert!(
+        !is_mount_point(&target),
+        "kubelet left {} published",
+        target.display()
+    );
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "c").await;
+    wait_gone(&pvs(&s), &name_of(&pv), "the CSI PV deleted", WAIT).await;
+    wait_capacity(&s, &sc, &k.name, |c| c == free).await;
+    drop(node);
+}

@@ -81,11 +81,24 @@ pub fn kubelet_cluster() -> &'static Cluster {
     KUBELET_CLUSTER.get_or_init(|| start(true))
 }
 
+/// The cluster this binary has started: the kubelet one if it has, else
+/// [`cluster`] (started now if need be).
+pub fn started() -> &'static Cluster {
+    KUBELET_CLUSTER.get().unwrap_or_else(cluster)
+}
+
 fn start(kubelet: bool) -> Cluster {
     let exe = std::env::current_exe().unwrap();
     let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("cluster-{stem}-{}", std::process::id()));
+    // The kubelet node's sockets live under its dir, and a unix socket's
+    // path has at most 107 bytes (kubelet's plugins_registry/<driver>-reg.sock
+    // under target/tmp/ would pass it): that cluster gets a short dir.
+    let dir = if kubelet {
+        std::env::temp_dir().join(format!("dkl-{}", std::process::id()))
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("cluster-{stem}-{}", std::process::id()))
+    };
     let _ = std::fs::remove_dir_all(&dir);
     let mut up = Command::new("bash");
     up.arg(script()).arg("up").arg(&dir);
@@ -633,24 +646,34 @@ impl Scope {
             None => {
                 self.cluster.kubectl(&["apply", "-k", "deploy/"]);
             }
-            Some(k) => self.apply_deploy_off(&k.name),
+            Some(k) => self.apply_off("deploy/", &k.name),
         });
     }
 
-    /// deploy/ with its DaemonSet kept off the real kubelet's node: there it
-    /// would run, as root, an agent configured for every disk of this
-    /// machine. The tests' agent on that node is a process of their own.
-    fn apply_deploy_off(&self, node: &str) {
-        let text = self.cluster.kubectl(&["kustomize", "deploy/"]);
+    /// `kubectl apply -k DIR`, with its DaemonSets kept off the real
+    /// kubelet's node when the cluster has one.
+    pub fn apply_kustomize(&self, dir: &str) {
+        match &self.cluster.kubelet {
+            None => {
+                self.cluster.kubectl(&["apply", "-k", dir]);
+            }
+            Some(k) => self.apply_off(dir, &k.name),
+        }
+    }
+
+    /// A kustomize dir of deploy/ with its DaemonSets kept off the real
+    /// kubelet's node: there they would run, as root, an agent and a driver
+    /// configured for every disk of this machine. The tests' agent and
+    /// driver on that node are processes of their own.
+    fn apply_off(&self, dir: &str, node: &str) {
+        let text = self.cluster.kubectl(&["kustomize", dir]);
         let mut items: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
-        let ds = items
-            .iter_mut()
-            .find(|d| d["kind"] == "DaemonSet")
-            .expect("deploy/ renders a DaemonSet");
-        ds["spec"]["template"]["spec"]["affinity"] = json!({"nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                {"matchExpressions": [{"key": "kubernetes.io/hostname",
-                                       "operator": "NotIn", "values": [node]}]}]}}});
+        for ds in items.iter_mut().filter(|d| d["kind"] == "DaemonSet") {
+            ds["spec"]["template"]["spec"]["affinity"] = json!({"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/hostname",
+                                           "operator": "NotIn", "values": [node]}]}]}}});
+        }
         let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
         let mut child = Command::new(self.cluster.bin.join("kubectl"))
             .arg(format!(

@@ -69,7 +69,7 @@ pub fn snapshot_infra(s: &Scope) {
             "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
             "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
         ]);
-        s.cluster.kubectl(&["apply", "-k", "deploy/overlays/csi"]);
+        s.apply_kustomize("deploy/overlays/csi");
         let dir = s.cluster.dir.join("logs");
         let p = spawn(
             &dir,
@@ -109,6 +109,10 @@ pub struct CsiNode {
     kubeconfig: PathBuf,
     pod_name: String,
     bin: PathBuf,
+    /// On the real kubelet's node: the registration socket the registrar
+    /// serves in kubelet's plugins_registry (kwok nodes get a CSINode from
+    /// the test instead).
+    registration: Option<PathBuf>,
 }
 
 /// What a driver attached or mounted for a rig, undone on drop (before the
@@ -165,6 +169,43 @@ pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
         kubeconfig,
         pod_name: pod.metadata.name.clone().unwrap(),
         bin: s.cluster.bin.clone(),
+        registration: None,
+    };
+    node.start();
+    node
+}
+
+/// The real kubelet's node serving CSI volumes: its agent with a `pool`
+/// class, `disklet csi` and the sidecars as on a kwok node, with tokens
+/// bound to stand-in pods there, and the driver registered with the real
+/// kubelet, which then makes the CSINode and every NodeStage and
+/// NodePublish call itself.
+pub async fn csi_kubelet_node(s: &Scope, sc: &str, pool_mib: u64) -> CsiNode {
+    snapshot_infra(s);
+    let mut rig = s
+        .kubelet_rig(|d| loop_config(d, "", &[("pool", sc, "disks", "kind: pool")]))
+        .await;
+    rig.disk("disks", "p1", pool_mib);
+    let pool = pool_mount(&rig.path().join("hostdir"));
+    let dir = rig.path().to_path_buf();
+    let pod = s.stand_in_pod("disklet-csi", "csi").await;
+    let token = s.pod_token(&pod).await;
+    let kubeconfig = dir.join("csi.kubeconfig");
+    s.cluster.kubeconfig_with_token(&kubeconfig, &token);
+    let k = s.kubelet_node();
+    let mut node = CsiNode {
+        procs: Vec::new(),
+        _volumes: VolumeSweeper {
+            mounts: dir.join("kubelet"),
+            hostdir: dir.join("hostdir"),
+        },
+        sock: dir.join("csi.sock"),
+        pool,
+        rig,
+        kubeconfig,
+        pod_name: pod.metadata.name.clone().unwrap(),
+        bin: s.cluster.bin.clone(),
+        registration: Some(k.root.join(format!("plugins_registry/{DRIVER}-reg.sock"))),
     };
     node.start();
     node
@@ -216,6 +257,11 @@ impl CsiNode {
                     "--csi-address=/csi/csi.sock" => {
                         cmd.arg(format!("--csi-address={}", sock.display()))
                     }
+                    // On the kubelet node the token's pod is a stand-in with
+                    // no DaemonSet above it: the capacities are owned by it.
+                    "--capacity-ownerref-level=1" if self.registration.is_some() => {
+                        cmd.arg("--capacity-ownerref-level=0")
+                    }
                     a => cmd.arg(a),
                 };
             }
@@ -232,6 +278,16 @@ impl CsiNode {
             "the overlay's sidecars: {:?}",
             overlay_containers()
         );
+        if let Some(reg) = &self.registration {
+            procs.push(spawn(
+                &dir,
+                "registrar",
+                Command::new(self.bin.join("registrar"))
+                    .arg(format!("--driver-name={DRIVER}"))
+                    .arg(format!("--csi-address={}", sock.display()))
+                    .arg(format!("--registration-socket={}", reg.display())),
+            ));
+        }
         // Dropped last: the sidecars stop before the driver they call.
         procs.push(driver);
         self.procs = procs;
@@ -272,7 +328,7 @@ pub struct Container {
 pub fn overlay_containers() -> &'static [Container] {
     static C: OnceLock<Vec<Container>> = OnceLock::new();
     C.get_or_init(|| {
-        let text = cluster().kubectl(&["kustomize", "deploy/overlays/csi"]);
+        let text = started().kubectl(&["kustomize", "deploy/overlays/csi"]);
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
         let ds = docs
             .iter()

@@ -64,11 +64,29 @@ impl Scope {
     pub async fn kubelet_rig(&self, config: impl Fn(&Path) -> String) -> NodeRig {
         self.apply_deploy();
         let k = self.kubelet_node();
-        let name = self.name("agent");
+        let pod = self.stand_in_pod("disklet", "agent").await;
+        let root = k.root.display().to_string();
+        self.rig_with(&k.name, &pod, |d| {
+            let mine = format!("kubeletDir: {}/kubelet\n", d.display());
+            let c = config(d);
+            assert!(c.contains(&mine), "the config names no {mine}: {c}");
+            c.replace(&mine, &format!("kubeletDir: {root}\n"))
+        })
+        .await
+    }
+}
+
+impl Scope {
+    /// A pod of ServiceAccount `disklet-system/<sa>` that the real kubelet
+    /// runs on its node (busybox asleep, no token mounted): what a token
+    /// bound to it names is that node, as for the DaemonSet's own pod.
+    pub async fn stand_in_pod(&self, sa: &str, n: &str) -> Pod {
+        let k = self.kubelet_node();
+        let name = self.name(n);
         let pod = json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "disklet-system"},
-            "spec": {"nodeName": k.name, "serviceAccountName": "disklet",
+            "spec": {"nodeName": k.name, "serviceAccountName": sa,
                      "automountServiceAccountToken": false,
                      "terminationGracePeriodSeconds": 0,
                      "containers": [{"name": "stand-in", "image": k.image,
@@ -77,21 +95,13 @@ impl Scope {
         });
         self.apply_json(&pod).await;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), "disklet-system");
-        let pod = wait_for(
+        wait_for(
             &pods,
             &name,
-            "the agent's stand-in pod Running on the kubelet node",
+            &format!("the stand-in pod of {sa} Running on the kubelet node"),
             Duration::from_secs(90),
             |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"),
         )
-        .await;
-        let root = k.root.display().to_string();
-        self.rig_with(&k.name, &pod, |d| {
-            let mine = format!("kubeletDir: {}/kubelet\n", d.display());
-            let c = config(d);
-            assert!(c.contains(&mine), "the config names no {mine}: {c}");
-            c.replace(&mine, &format!("kubeletDir: {root}\n"))
-        })
         .await
     }
 }
