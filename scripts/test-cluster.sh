@@ -629,6 +629,10 @@ kubelet_start() { # DIR
 node_stop() { # DIR
   local dir=$1 nd cg pid pids m f
   nd=$(node_env "$dir" NODE_DIR) cg=$(node_env "$dir" NODE_CGROUP)
+  # Both scope everything below (an empty cgroup would be every process of the
+  # machine, an empty dir every mount): refuse anything but what node_up wrote.
+  case "$cg" in /disklet-test-[0-9]*) ;; *) log "node_stop: $dir has no kubelet node (NODE_CGROUP=$cg)" && return 1 ;; esac
+  [ "$nd" = "$dir/node" ] || { log "node_stop: $dir has no kubelet node (NODE_DIR=$nd)" && return 1; }
   stop_pid "$dir" kubelet
   # Every process of every pod: SIGKILL to all in the pods' cgroup root, until none is left.
   for _ in $(seq 1 50); do
@@ -652,6 +656,14 @@ node_stop() { # DIR
   for m in $(awk -v d="$nd/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
+}
+
+node_reboot() { # DIR
+  local dir
+  dir=$(cd "$1" && pwd)
+  [ -n "$(node_env "$dir" NODE_CGROUP)" ] || die "node-reboot: $dir has no kubelet node (up it with --kubelet)"
+  node_stop "$dir" || true
+  node_start "$dir"
 }
 
 # Undoes node_up; every step tolerates what is already gone.
@@ -714,8 +726,12 @@ down() {
 case "${1:-}" in
   build) build ;;
   up) up "${2:-}" "${3:-}" ;;
-  kubelet-restart) stop_pid "$(cd "${2:?usage: kubelet-restart DIR}" && pwd)" kubelet && kubelet_start "$(cd "$2" && pwd)" ;;
-  node-reboot) { node_stop "$(cd "${2:?usage: node-reboot DIR}" && pwd)" || true; } && node_start "$(cd "$2" && pwd)" ;;
+  kubelet-restart)
+    d=$(cd "${2:?usage: kubelet-restart DIR}" && pwd)
+    [ -n "$(node_env "$d" NODE_CGROUP)" ] || die "kubelet-restart: $d has no kubelet node (up it with --kubelet)"
+    stop_pid "$d" kubelet && kubelet_start "$d"
+    ;;
+  node-reboot) node_reboot "${2:?usage: node-reboot DIR}" ;;
   down) down "${2:-}" ;;
   sync-mod) sync_mod ;;
   *) die "usage: $0 build | up DIR [--kubelet] | kubelet-restart DIR | node-reboot DIR | down DIR | sync-mod" ;;
