@@ -16,7 +16,7 @@
 //!   sequential read and write (1 MiB, depth 8), random read and write
 //!   (4 KiB, depth 32), written over once first; raw and volume rounds
 //!   alternate, their order flipped every round, `DISKLET_BENCH_FIO_ROUNDS`
-//!   (5) rounds of `DISKLET_BENCH_FIO_SECS` (3) s a job, and the ratio
+//!   (9) rounds of `DISKLET_BENCH_FIO_SECS` (3) s a job, and the ratio
 //!   printed is the median of the rounds' own ratios. A host file's speed
 //!   drifts by 10% and more within a minute on this machine; one raw run
 //!   at the start against one volume run at the end measured the drift.
@@ -119,7 +119,12 @@ fn one_extent(file: &Path) -> u64 {
         "the fio volume's file is not one extent, so the raw device cannot be measured on the same blocks: {out}"
     );
     let phys = extents[0].rsplit(": ").next().unwrap();
-    let start: u64 = phys.split("..").next().unwrap().trim().parse().unwrap();
+    let (start, end) = phys.split_once("..").unwrap();
+    let (start, end): (u64, u64) = (start.trim().parse().unwrap(), end.trim().parse().unwrap());
+    assert!(
+        (end + 1 - start) * 512 >= 2 * GIB,
+        "the extent is shorter than the volume: {out}"
+    );
     start * 512
 }
 
@@ -320,7 +325,8 @@ async fn main() {
         let rounds: usize = std::env::var("DISKLET_BENCH_FIO_ROUNDS")
             .ok()
             .and_then(|r| r.parse().ok())
-            .unwrap_or(5);
+            .unwrap_or(9)
+            .max(1);
         let (mut raw, mut vol) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             for raw_now in [round % 2 == 0, round % 2 == 1] {

@@ -325,6 +325,7 @@ up() {
   local dir=${1:?usage: up DIR [--kubelet]} with_kubelet=${2:-}
   local bin ep pp ap
   case "$with_kubelet" in "" | --kubelet) ;; *) die "up: unknown option $with_kubelet (only --kubelet)" ;; esac
+  [ "$with_kubelet" = --kubelet ] && node_check
   [ -e "$dir/pids" ] && [ -n "$(ls -A "$dir/pids" 2>/dev/null)" ] && die "$dir already has a running cluster (down it first)"
   bin=$(build)
   mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
@@ -396,7 +397,12 @@ AP
       exit 1
     }
   done
-  [ "$with_kubelet" = --kubelet ] && node_up "$dir" "$bin" "$server" "$pki" "$ap"
+  if [ "$with_kubelet" = --kubelet ]; then
+    # A failure past this point (a die, or set -e) takes the whole cluster down with it.
+    trap 'down "$dir"' EXIT
+    node_up "$dir" "$bin" "$server" "$pki" "$ap"
+    trap - EXIT
+  fi
   log "up: $dir/admin.kubeconfig ($server)"
 }
 
@@ -432,7 +438,6 @@ make_image() { # OUT NAME ROOTFS CONFIG
 # The node's images, cached by the pause source's and busybox's hashes; prints the dir.
 node_images() {
   local dir r
-  [ -x /bin/busybox ] || die "the kubelet node needs Debian's busybox-static (/bin/busybox): apt-get install busybox-static (scripts/setup-debian.sh does)"
   dir="$cache/images-$(cat "$mods/pause/main.go" /bin/busybox | sha256sum | cut -c1-12)"
   if [ ! -f "$dir/.complete" ]; then
     rm -rf "$dir" && mkdir -p "$dir/pause" "$dir/busybox/bin" "$dir/busybox/etc" "$dir/busybox/tmp"
@@ -459,15 +464,29 @@ v1_controllers() {
   done
 }
 
-node_up() { # DIR BIN SERVER PKI PORT
-  local dir=$1 bin=$2 server=$3 pki=$4 port=$5 nd images ip cg c kp
-  nd="$dir/node"
+# The node's address: the default route's source (kubelet refuses a loopback node IP).
+node_ip() {
+  ip -4 route get 192.0.2.255 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p'
+}
+
+# What the kubelet node needs from this machine, checked before anything starts.
+node_check() {
+  local c
   for c in /usr/sbin/runc /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback; do
     [ -x "$c" ] || die "the kubelet node needs $c: apt-get install runc containernetworking-plugins (scripts/setup-debian.sh does)"
   done
+  [ -x /bin/busybox ] || die "the kubelet node needs Debian's busybox-static (/bin/busybox): apt-get install busybox-static (scripts/setup-debian.sh does)"
+  [ -n "$(node_ip)" ] || die "the kubelet node needs an IPv4 address that is not loopback (kubelet refuses 127.0.0.1): none routes here"
+  # Pods are tracked (and killed at down) through the cgroup v1 pids hierarchy.
+  [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ] && [ -d /sys/fs/cgroup/pids ] ||
+    die "the kubelet node is made for cgroup v1 hosts (this machine's layout, with pids at /sys/fs/cgroup/pids); this host has none"
+}
+
+node_up() { # DIR BIN SERVER PKI PORT
+  local dir=$1 bin=$2 server=$3 pki=$4 port=$5 nd images ip cg c kp
+  nd="$dir/node"
   images=$(node_images)
-  ip=$(ip -4 route get 192.0.2.255 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
-  [ -n "$ip" ] || die "the kubelet node needs an IPv4 address that is not loopback (kubelet refuses 127.0.0.1): none routes here"
+  ip=$(node_ip)
   mkdir -p "$nd/containerd" "$nd/cni/net.d" "$nd/kubelet" "$nd/pki" "$nd/pod-logs"
   cg="/disklet-test-$port"
   kp=$(free_port)
@@ -475,8 +494,10 @@ node_up() { # DIR BIN SERVER PKI PORT
     "$node_name" "$nd" "$ip" "$BUSYBOX_IMAGE" "$cg" "$port" >>"$dir/cluster.env"
   mkdir -p "$nd/images"
   cp "$images/pause.tar" "$images/busybox.tar" "$nd/images/"
-  # kubelet sets these on start (protectKernelDefaults off); down puts them back.
-  for c in vm/overcommit_memory kernel/panic kernel/panic_on_oops; do
+  # kubelet sets these on start (protectKernelDefaults off), the bridge plugin
+  # ip_forward; down puts them back.
+  for c in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops \
+    kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward; do
     echo "$c=$(cat "/proc/sys/$c")"
   done >"$nd/sysctl.orig"
   (
@@ -629,10 +650,7 @@ kubelet_start() { # DIR
 node_stop() { # DIR
   local dir=$1 nd cg pid pids m f
   nd=$(node_env "$dir" NODE_DIR) cg=$(node_env "$dir" NODE_CGROUP)
-  # Both scope everything below (an empty cgroup would be every process of the
-  # machine, an empty dir every mount): refuse anything but what node_up wrote.
-  case "$cg" in /disklet-test-[0-9]*) ;; *) log "node_stop: $dir has no kubelet node (NODE_CGROUP=$cg)" && return 1 ;; esac
-  [ "$nd" = "$dir/node" ] || { log "node_stop: $dir has no kubelet node (NODE_DIR=$nd)" && return 1; }
+  node_valid "$dir" || { log "node_stop: $dir's node env is not node_up's; left alone" && return 1; }
   stop_pid "$dir" kubelet
   # Every process of every pod: SIGKILL to all in the pods' cgroup root, until none is left.
   for _ in $(seq 1 50); do
@@ -642,7 +660,7 @@ node_stop() { # DIR
     sleep 0.1
   done
   stop_pid "$dir" containerd
-  for pid in $(pgrep -f "containerd-shim-runc-v2 .*$nd/containerd" || true); do
+  for pid in $(pgrep -f -- "containerd-shim-runc-v2 .*-address $nd/containerd/containerd.sock" || true); do
     kill -KILL "$pid" 2>/dev/null || true
   done
   # kubelet's own loop devices over the pods' block volumes (it attaches one per mapped
@@ -666,14 +684,23 @@ node_reboot() { # DIR
   node_start "$dir"
 }
 
+# Whether DIR's env names a kubelet node exactly as node_up writes it: everything that
+# kills, unmounts or deletes is scoped by these values (an empty or odd cgroup would be
+# every process of the machine, an empty dir every mount, another bridge eth0).
+node_valid() { # DIR
+  local cg nd bridge
+  cg=$(node_env "$1" NODE_CGROUP) nd=$(node_env "$1" NODE_DIR) bridge=$(node_env "$1" NODE_BRIDGE)
+  [[ $cg =~ ^/disklet-test-[0-9]+$ ]] && [[ $bridge =~ ^dkl[0-9]+$ ]] && [ "$nd" = "$1/node" ]
+}
+
 # Undoes node_up; every step tolerates what is already gone.
 node_down() { # DIR
   local dir=$1 nd cg bridge c k v
   [ -f "$dir/cluster.env" ] || return 0
-  cg=$(node_env "$dir" NODE_CGROUP)
-  [ -n "$cg" ] || return 0
-  nd=$(node_env "$dir" NODE_DIR) bridge=$(node_env "$dir" NODE_BRIDGE)
-  node_stop "$dir"
+  [ -n "$(node_env "$dir" NODE_CGROUP)" ] || return 0
+  node_valid "$dir" || { log "node_down: $dir's node env is not node_up's; left alone" && return 1; }
+  cg=$(node_env "$dir" NODE_CGROUP) nd=$(node_env "$dir" NODE_DIR) bridge=$(node_env "$dir" NODE_BRIDGE)
+  node_stop "$dir" || return 1
   for c in $(v1_controllers); do
     [ -d "/sys/fs/cgroup/$c$cg" ] && find "/sys/fs/cgroup/$c$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
   done

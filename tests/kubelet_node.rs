@@ -585,7 +585,16 @@ async fn kubelet_formats_a_publish_fs_type_disk_and_disklet_keeps_then_wipes_it(
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
     delete(&pods, "w").await;
     wait_gone(&pods, "w", "the pod gone", WAIT).await;
-    assert!(mounts_of(&dev).is_empty(), "kubelet left {dev} mounted");
+    // kubelet unmounts the device's global mount after the pod object goes.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !mounts_of(&dev).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kubelet left {dev} mounted: {:?}",
+            mounts_of(&dev)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     delete(&pvcs, "w").await;
     wait_for(
@@ -726,4 +735,95 @@ async fn a_csi_volume_is_staged_and_published_by_the_real_kubelet() {
     wait_gone(&pvs(&s), &name_of(&pv), "the CSI PV deleted", WAIT).await;
     wait_capacity(&s, &sc, &k.name, |c| c == free).await;
     drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_held_terminating_keeps_its_volume_until_the_pod_is_gone() {
+    if skip_unless_root("a_pod_held_terminating_keeps_its_volume_until_the_pod_is_gone") {
+        return;
+    }
+    use kube::api::{Patch, PatchParams};
+    let _node = exclusive().await;
+    let s = Scope::with_kubelet("terminating").await;
+    let k = s.kubelet_node();
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
+        .await;
+    rig.disk("disks", "d1", 320);
+    available_of(&s, &k.name, &sc, 1).await;
+    let ns = s.namespace("app").await;
+    let token = proof();
+    claim_and_pod(
+        &s,
+        &ns,
+        "held",
+        &sc,
+        false,
+        &format!("echo {token} > /data/proof && sync && exec sleep 3600"),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let hold = |on: bool| {
+        let f: Vec<&str> = if on {
+            vec!["disklet.test/hold"]
+        } else {
+            vec![]
+        };
+        json!({"metadata": {"finalizers": f}})
+    };
+    pods.patch("held", &PatchParams::default(), &Patch::Merge(hold(true)))
+        .await
+        .unwrap();
+    let pod = running_pod(&s, &ns, "held").await;
+    let pv = bound_pv(&s, &ns, "held").await;
+    let vol = local_path(&pv);
+    wait_file(&vol.join("proof"), &token);
+    let mounted = pod_volume_dir(k, &pod, &pv);
+
+    // The claim deleted, then the pod: the pod object stays Terminating (the
+    // finalizer), kubelet stops its container and unmounts the volume, and
+    // the claim stays too (pvc-protection counts every pod object naming
+    // it), so the PV stays Bound and disklet leaves the data alone.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
+    delete(&pvcs, "held").await;
+    delete(&pods, "held").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while is_mount_point(&mounted) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kubelet never unmounted {}",
+            mounted.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let p = pods.get("held").await.unwrap();
+    assert!(
+        p.metadata.deletion_timestamp.is_some(),
+        "the pod is held Terminating"
+    );
+    rig.restart();
+    rig.agent().wait_log("ready: first reconcile done");
+    let now = pvs(&s).get(&name_of(&pv)).await.unwrap();
+    assert_eq!(phase(&now), "Bound", "released while its pod still exists");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("proof")).unwrap().trim(),
+        token
+    );
+
+    // The finalizer removed: the pod goes, then the claim; the PV is released
+    // and recycled.
+    pods.patch("held", &PatchParams::default(), &Patch::Merge(hold(false)))
+        .await
+        .unwrap();
+    wait_gone(&pods, "held", "the held pod gone", WAIT).await;
+    wait_gone(&pvs(&s), &name_of(&pv), "the released PV recycled", WAIT).await;
+    let fresh = available_of(&s, &k.name, &sc, 1).await.remove(0);
+    assert_eq!(
+        std::fs::read_dir(local_path(&fresh)).unwrap().count(),
+        0,
+        "the fresh volume is empty"
+    );
+    clear_pods(&s, &ns).await;
+    drop(rig);
 }

@@ -115,6 +115,18 @@ pub struct CsiNode {
     registration: Option<PathBuf>,
 }
 
+impl Drop for CsiNode {
+    /// The registrar is killed (SIGKILL) with the other processes: its socket
+    /// goes too, so kubelet drops the registration and a later test's CSINode
+    /// is its own.
+    fn drop(&mut self) {
+        self.procs.clear();
+        if let Some(reg) = &self.registration {
+            let _ = std::fs::remove_file(reg);
+        }
+    }
+}
+
 /// What a driver attached or mounted for a rig, undone on drop (before the
 /// rig's own sweep, so the pool can be unmounted): the stage and publish
 /// mounts under `mounts` (the test's kubelet dir, csi-sanity's dirs), then
@@ -195,8 +207,9 @@ pub async fn csi_kubelet_node(s: &Scope, sc: &str, pool_mib: u64) -> CsiNode {
     let k = s.kubelet_node();
     let mut node = CsiNode {
         procs: Vec::new(),
+        // kubelet's own stage and publish mounts, if a failing test left a pod.
         _volumes: VolumeSweeper {
-            mounts: dir.join("kubelet"),
+            mounts: k.root.clone(),
             hostdir: dir.join("hostdir"),
         },
         sock: dir.join("csi.sock"),
@@ -247,6 +260,7 @@ impl CsiNode {
             other => panic!("the overlay sets an env from {other}, which this test does not know"),
         };
         let mut procs = Vec::new();
+        let mut owner_level_set = false;
         for c in overlay_containers() {
             if !["csi-provisioner", "csi-snapshotter", "csi-resizer"].contains(&c.name.as_str()) {
                 continue;
@@ -260,6 +274,7 @@ impl CsiNode {
                     // On the kubelet node the token's pod is a stand-in with
                     // no DaemonSet above it: the capacities are owned by it.
                     "--capacity-ownerref-level=1" if self.registration.is_some() => {
+                        owner_level_set = true;
                         cmd.arg("--capacity-ownerref-level=0")
                     }
                     a => cmd.arg(a),
@@ -279,6 +294,10 @@ impl CsiNode {
             overlay_containers()
         );
         if let Some(reg) = &self.registration {
+            assert!(
+                owner_level_set,
+                "the overlay's csi-provisioner no longer has --capacity-ownerref-level=1: see csi_kubelet_node"
+            );
             procs.push(spawn(
                 &dir,
                 "registrar",

@@ -162,7 +162,8 @@ pub fn node_script(c: &super::cluster::Cluster, cmd: &str) {
 
 /// Deletes every pod in `ns` and waits until they are gone, which on the
 /// kubelet node means kubelet has unmounted and unmapped their volumes (it
-/// removes a pod only then). Tests end with it, so no pod outlives its test.
+/// removes a pod only then). Tests end with it, so no pod of theirs outlives
+/// them (the agents' stand-in pods in disklet-system stay until `down`).
 pub async fn clear_pods(s: &Scope, ns: &str) {
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
     for p in pods.list(&Default::default()).await.unwrap() {
