@@ -57,13 +57,7 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
     let _node = exclusive().await;
     let s = Scope::with_kubelet("fs-pod").await;
     let k = s.kubelet_node();
-    let sc = s.storage_class("fast", json!({})).await;
-    let mut rig = s
-        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
-        .await;
-    rig.disk("disks", "d1", 320);
-    available_of(&s, &k.name, &sc, 1).await;
-    let ns = s.namespace("app").await;
+    let (sc, rig, ns) = fast_disk(&s).await;
     let token = proof();
     claim_and_pod(
         &s,
@@ -83,20 +77,7 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
 
     // The pod's write is on disklet's disk: read from the host's mount of it.
     let vol = local_path(&pv);
-    let file = vol.join("proof");
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::read_to_string(&file)
-        .map(|t| t.trim().to_string())
-        .ok()
-        != Some(token.clone())
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} never held the pod's write",
-            file.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_file(&vol.join("proof"), &token);
     // Through kubelet's own bind mount of the volume into the pod.
     let mounted = pod_volume_dir(k, &pod, &pv);
     assert!(
@@ -143,55 +124,67 @@ async fn a_pod_writes_to_its_disklet_disk_and_kubelet_gives_the_volume_back() {
     drop(rig);
 }
 
-/// The pod's log once it has two lines (kubelet's own `kubectl logs` path).
-fn wait_logs(s: &Scope, ns: &str, pod: &str) -> String {
+/// Polls `f` every 100 ms until it gives `Ok`; after WAIT, fails with the
+/// last `Err` it gave (what is still not so).
+fn until<T>(mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let out = s.cluster.kubectl(&["-n", ns, "logs", pod]);
-        if out.lines().count() >= 2 {
-            return out;
+        match f() {
+            Ok(v) => return v,
+            Err(why) => assert!(std::time::Instant::now() < deadline, "{why}"),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pod {pod} logged only {out:?}"
-        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// The pod's log once it has two lines (kubelet's own `kubectl logs` path).
+fn wait_logs(s: &Scope, ns: &str, pod: &str) -> String {
+    until(|| {
+        let out = s.cluster.kubectl(&["-n", ns, "logs", pod]);
+        if out.lines().count() >= 2 {
+            Ok(out)
+        } else {
+            Err(format!("pod {pod} logged only {out:?}"))
+        }
+    })
 }
 
 /// Polls until `file` holds `want` (the pod's write reaching the disk).
 fn wait_file(file: &std::path::Path, want: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::read_to_string(file)
-        .map(|t| t.trim().to_string())
-        .ok()
-        .as_deref()
-        != Some(want)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} never held {want}",
-            file.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until(|| {
+        let now = std::fs::read_to_string(file).map(|t| t.trim().to_string());
+        match now {
+            Ok(t) if t == want => Ok(()),
+            _ => Err(format!("{} never held {want}", file.display())),
+        }
+    })
 }
 
 /// Polls until `file`'s content is no longer `old` (a running writer).
 fn wait_changed(file: &std::path::Path, old: &str) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    until(|| {
         let now = std::fs::read_to_string(file).unwrap_or_default();
         if now != old {
-            return now;
+            Ok(now)
+        } else {
+            Err(format!("{} stopped changing", file.display()))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} stopped changing",
-            file.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    })
+}
+
+/// A class `fast` with one 320 MiB loop on the kubelet node and its agent,
+/// the disk's PV Available, and a namespace for the test's pods: (class,
+/// rig, namespace).
+async fn fast_disk(s: &Scope) -> (String, NodeRig, String) {
+    let k = s.kubelet_node();
+    let sc = s.storage_class("fast", json!({})).await;
+    let mut rig = s
+        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
+        .await;
+    rig.disk("disks", "d1", 320);
+    available_of(s, &k.name, &sc, 1).await;
+    let ns = s.namespace("app").await;
+    (sc, rig, ns)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,13 +197,7 @@ async fn a_released_volume_kubelet_still_mounts_is_wiped_only_after_kubelets_unm
     let _node = exclusive().await;
     let s = Scope::with_kubelet("held").await;
     let k = s.kubelet_node();
-    let sc = s.storage_class("fast", json!({})).await;
-    let mut rig = s
-        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
-        .await;
-    rig.disk("disks", "d1", 320);
-    available_of(&s, &k.name, &sc, 1).await;
-    let ns = s.namespace("app").await;
+    let (sc, rig, ns) = fast_disk(&s).await;
     let token = proof();
     claim_and_pod(
         &s,
@@ -327,18 +314,14 @@ async fn a_block_pod_writes_the_raw_disk_and_the_next_tenant_reads_zeroes() {
     running_pod(&s, &ns, "blk").await;
     let pv = bound_pv(&s, &ns, "blk").await;
     assert_eq!(name_of(&pv), name_of(&first));
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    until(|| {
         let head = std::fs::read(&raw_dev).unwrap();
         if head.starts_with(token.as_bytes()) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("the pod's bytes never reached {raw_dev}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pod's bytes never reached {raw_dev}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    });
 
     // Pod and claim deleted: kubelet unmaps the device, disklet cleans it
     // and publishes it again; the next tenant reads zeroes where the first
@@ -394,13 +377,7 @@ async fn kubelet_and_agent_restarts_and_a_reboot_bring_the_pod_back_with_its_dat
     let _node = exclusive().await;
     let s = Scope::with_kubelet("reboot-pod").await;
     let k = s.kubelet_node();
-    let sc = s.storage_class("fast", json!({})).await;
-    let mut rig = s
-        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
-        .await;
-    rig.disk("disks", "d1", 320);
-    available_of(&s, &k.name, &sc, 1).await;
-    let ns = s.namespace("app").await;
+    let (sc, mut rig, ns) = fast_disk(&s).await;
     // Every start of the container appends one line: the first one is the
     // first boot's, and stays only if the data does.
     claim_and_pod(
@@ -448,18 +425,14 @@ async fn kubelet_and_agent_restarts_and_a_reboot_bring_the_pod_back_with_its_dat
     assert!(!boots.exists(), "the disk is unmounted as by a reboot");
     node_script(s.cluster, "node-reboot");
     rig.restart();
-    let deadline = std::time::Instant::now() + WAIT;
-    let again = loop {
+    let again = until(|| {
         let text = std::fs::read_to_string(&boots).unwrap_or_default();
         if text.lines().count() >= 2 {
-            break text;
+            Ok(text)
+        } else {
+            Err(format!("the pod never started again on its data: {text:?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pod never started again on its data: {text:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    });
     assert!(
         again.starts_with(&first),
         "the first boot's line is kept: {again:?}"
@@ -586,15 +559,10 @@ async fn kubelet_formats_a_publish_fs_type_disk_and_disklet_keeps_then_wipes_it(
     delete(&pods, "w").await;
     wait_gone(&pods, "w", "the pod gone", WAIT).await;
     // kubelet unmounts the device's global mount after the pod object goes.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !mounts_of(&dev).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kubelet left {dev} mounted: {:?}",
-            mounts_of(&dev)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until(|| match mounts_of(&dev) {
+        m if m.is_empty() => Ok(()),
+        m => Err(format!("kubelet left {dev} mounted: {m:?}")),
+    });
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     delete(&pvcs, "w").await;
     wait_for(
@@ -746,13 +714,7 @@ async fn a_pod_held_terminating_keeps_its_volume_until_the_pod_is_gone() {
     let _node = exclusive().await;
     let s = Scope::with_kubelet("terminating").await;
     let k = s.kubelet_node();
-    let sc = s.storage_class("fast", json!({})).await;
-    let mut rig = s
-        .kubelet_rig(|d| loop_config(d, "", &[("fast", &sc, "disks", "")]))
-        .await;
-    rig.disk("disks", "d1", 320);
-    available_of(&s, &k.name, &sc, 1).await;
-    let ns = s.namespace("app").await;
+    let (sc, mut rig, ns) = fast_disk(&s).await;
     let token = proof();
     claim_and_pod(
         &s,
@@ -788,15 +750,10 @@ async fn a_pod_held_terminating_keeps_its_volume_until_the_pod_is_gone() {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &ns);
     delete(&pvcs, "held").await;
     delete(&pods, "held").await;
-    let deadline = std::time::Instant::now() + WAIT;
-    while is_mount_point(&mounted) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kubelet never unmounted {}",
-            mounted.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until(|| match is_mount_point(&mounted) {
+        false => Ok(()),
+        true => Err(format!("kubelet never unmounted {}", mounted.display())),
+    });
     let p = pods.get("held").await.unwrap();
     assert!(
         p.metadata.deletion_timestamp.is_some(),

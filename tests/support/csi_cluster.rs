@@ -145,25 +145,14 @@ impl Drop for VolumeSweeper {
 
 pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
     snapshot_infra(s);
-    let mut rig = s
+    let rig = s
         .rig(n, &[], |d| {
             loop_config(d, "", &[("pool", sc, "disks", "kind: pool")])
         })
         .await;
-    rig.disk("disks", "p1", pool_mib);
-    let pool = pool_mount(&rig.path().join("hostdir"));
-    let dir = rig.path().to_path_buf();
-    let volumes = VolumeSweeper {
-        mounts: dir.join("kubelet"),
-        hostdir: dir.join("hostdir"),
-    };
-
     // The csi DaemonSet's ServiceAccount, with a token bound to its pod on
     // this node, for the driver and every sidecar, as in the overlay.
     let pod = daemonset_pod_of(s, "disklet-csi", &rig.node).await;
-    let token = s.pod_token(&pod).await;
-    let kubeconfig = dir.join("csi.kubeconfig");
-    s.cluster.kubeconfig_with_token(&kubeconfig, &token);
     // What node-driver-registrar and kubelet would register.
     s.apply_json(&json!({
         "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
@@ -172,19 +161,7 @@ pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
             "topologyKeys": ["kubernetes.io/hostname"], "allocatable": {"count": 1000}}]},
     }))
     .await;
-    let mut node = CsiNode {
-        procs: Vec::new(),
-        _volumes: volumes,
-        sock: dir.join("csi.sock"),
-        pool,
-        rig,
-        kubeconfig,
-        pod_name: pod.metadata.name.clone().unwrap(),
-        bin: s.cluster.bin.clone(),
-        registration: None,
-    };
-    node.start();
-    node
+    serve_csi(s, rig, pool_mib, &pod, None).await
 }
 
 /// The real kubelet's node serving CSI volumes: its agent with a `pool`
@@ -194,22 +171,35 @@ pub async fn csi_node(s: &Scope, n: &str, sc: &str, pool_mib: u64) -> CsiNode {
 /// NodePublish call itself.
 pub async fn csi_kubelet_node(s: &Scope, sc: &str, pool_mib: u64) -> CsiNode {
     snapshot_infra(s);
-    let mut rig = s
+    let rig = s
         .kubelet_rig(|d| loop_config(d, "", &[("pool", sc, "disks", "kind: pool")]))
         .await;
+    let pod = s.stand_in_pod("disklet-csi", "csi").await;
+    serve_csi(s, rig, pool_mib, &pod, Some(s.kubelet_node())).await
+}
+
+/// `rig`'s pool disk of `pool_mib` MiB, mounted by its agent, then the
+/// driver and the sidecars with a token bound to `pod`. On the real
+/// kubelet's node the driver is registered with it, and what a failing test
+/// leaves mounted is under kubelet's root; elsewhere under the rig's
+/// kubelet dir, where the test plays kubelet.
+async fn serve_csi(
+    s: &Scope,
+    mut rig: NodeRig,
+    pool_mib: u64,
+    pod: &Pod,
+    kubelet: Option<&KubeletNode>,
+) -> CsiNode {
     rig.disk("disks", "p1", pool_mib);
     let pool = pool_mount(&rig.path().join("hostdir"));
     let dir = rig.path().to_path_buf();
-    let pod = s.stand_in_pod("disklet-csi", "csi").await;
-    let token = s.pod_token(&pod).await;
+    let token = s.pod_token(pod).await;
     let kubeconfig = dir.join("csi.kubeconfig");
     s.cluster.kubeconfig_with_token(&kubeconfig, &token);
-    let k = s.kubelet_node();
     let mut node = CsiNode {
         procs: Vec::new(),
-        // kubelet's own stage and publish mounts, if a failing test left a pod.
         _volumes: VolumeSweeper {
-            mounts: k.root.clone(),
+            mounts: kubelet.map_or_else(|| dir.join("kubelet"), |k| k.root.clone()),
             hostdir: dir.join("hostdir"),
         },
         sock: dir.join("csi.sock"),
@@ -218,7 +208,7 @@ pub async fn csi_kubelet_node(s: &Scope, sc: &str, pool_mib: u64) -> CsiNode {
         kubeconfig,
         pod_name: pod.metadata.name.clone().unwrap(),
         bin: s.cluster.bin.clone(),
-        registration: Some(k.root.join(format!("plugins_registry/{DRIVER}-reg.sock"))),
+        registration: kubelet.map(|k| k.root.join(format!("plugins_registry/{DRIVER}-reg.sock"))),
     };
     node.start();
     node
