@@ -36,6 +36,11 @@ pub struct ScLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub call: String,
     pub result: String,
@@ -153,6 +158,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<KindLabels, Counter>,
     pub storageclass_missing: Family<ScLabels, Gauge>,
     pub api_calls: Family<CallLabels, Counter>,
+    /// Device probes by source: `read` (the device was read) or `cached`.
+    pub probes: Family<SourceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -170,6 +177,7 @@ impl Default for Metrics {
             reconcile_errors: Family::default(),
             storageclass_missing: Family::default(),
             api_calls: Family::default(),
+            probes: Family::default(),
             registry: Registry::default(),
         };
         m.register(root.sub_registry_with_prefix("disklet"));
@@ -226,6 +234,19 @@ impl Metrics {
             "Kubernetes API calls by call and result",
             self.api_calls.clone(),
         );
+        registry.register(
+            "device_probes",
+            "Device content probes of the passes, by source (read, cached)",
+            self.probes.clone(),
+        );
+    }
+
+    /// Books `n` probes of `source`.
+    pub fn probed(&self, source: &str, n: u64) {
+        let l = SourceLabels {
+            source: source.into(),
+        };
+        self.probes.get_or_create(&l).inc_by(n);
     }
 
     fn zero_alert_series(&self) {

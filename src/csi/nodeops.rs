@@ -9,7 +9,7 @@ use tonic::Status;
 
 use crate::host::mountinfo::read_consistent;
 use crate::host::pool;
-use crate::host::probe::parse_wipefs;
+use crate::host::probe::Signatures;
 use crate::host::Cmd;
 use crate::model::MountEntry;
 
@@ -18,6 +18,9 @@ mod ioctls {
     nix::ioctl_readwrite!(fifreeze, b'X', 119, nix::libc::c_int);
     nix::ioctl_readwrite!(fithaw, b'X', 120, nix::libc::c_int);
 }
+
+/// How long the probe of a volume's device may read it.
+const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> Status {
     Status::internal(format!("{what} {}: {e}", path.display()))
@@ -71,13 +74,9 @@ pub fn published_at(
 /// extent still unwritten). Data without a signature anywhere in the volume,
 /// a Block tenant's say, is an error: it is never formatted.
 pub fn filesystem(dev: &Path, file: &Path) -> Result<Option<String>, Status> {
-    let text = Cmd::new("wipefs")
-        .arg("--no-act")
-        .arg("--json")
-        .arg(dev.as_os_str())
-        .output()
+    let sigs = Signatures::Libblkid
+        .read(dev, PROBE_DEADLINE)
         .map_err(|e| internal("cannot probe", dev, e))?;
-    let sigs = parse_wipefs(&text).map_err(|e| internal("cannot read the probe of", dev, e))?;
     if let Some(s) = sigs.first() {
         return Ok(Some(s.kind.clone()));
     }

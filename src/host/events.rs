@@ -10,9 +10,12 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::sync::mpsc::Sender;
+
+use crate::host::probecache::DeviceEvents;
 
 /// Why the reconciler was woken; for logs only, never for decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +27,12 @@ pub enum Kick {
     Pv,
 }
 
-fn monitor_thread(name: &'static str, kernel: bool, kick: Sender<Kick>) -> std::io::Result<()> {
+fn monitor_thread(
+    name: &'static str,
+    kernel: bool,
+    kick: Sender<Kick>,
+    seen: Arc<DeviceEvents>,
+) -> std::io::Result<()> {
     let what = if kernel { Kick::Kernel } else { Kick::Udev };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new().name(name.into()).spawn(move || {
@@ -56,6 +64,7 @@ fn monitor_thread(name: &'static str, kernel: bool, kick: Sender<Kick>) -> std::
             let mut any = false;
             for ev in socket.iter() {
                 tracing::debug!(source = name, action = ?ev.event_type(), dev = ?ev.sysname(), "device event");
+                seen.bump(&ev.sysname().to_string_lossy());
                 any = true;
             }
             if any && kick.blocking_send(what).is_err() {
@@ -68,11 +77,12 @@ fn monitor_thread(name: &'static str, kernel: bool, kick: Sender<Kick>) -> std::
         .unwrap_or_else(|_| Err(std::io::Error::other("monitor thread died")))
 }
 
-/// Starts the udev and kernel monitors. Either may fail (no netlink in this
-/// namespace): that is logged and the other and the resync carry on.
-pub fn spawn_device_monitors(kick: &Sender<Kick>) {
+/// Starts the udev and kernel monitors, which also count the events of each
+/// device in `seen` (the probe cache's key). Either may fail (no netlink in
+/// this namespace): that is logged and the other and the resync carry on.
+pub fn spawn_device_monitors(kick: &Sender<Kick>, seen: &Arc<DeviceEvents>) {
     for (name, kernel) in [("udev-monitor", false), ("kernel-monitor", true)] {
-        if let Err(e) = monitor_thread(name, kernel, kick.clone()) {
+        if let Err(e) = monitor_thread(name, kernel, kick.clone(), seen.clone()) {
             tracing::warn!(error = %e, source = name, "cannot listen for device events");
         }
     }

@@ -22,6 +22,11 @@ pub enum FormatError {
         device: String,
         source: nix::errno::Errno,
     },
+    #[error("{device}: cannot drop its page cache before the last look (BLKFLSBUF): {source}; not formatting")]
+    Flush {
+        device: String,
+        source: nix::errno::Errno,
+    },
     #[error("{device}: device-changed: {what}; not formatting")]
     DeviceChanged { device: String, what: String },
     #[error("{device}: no longer eligible ({verdict}: {detail}); not formatting")]
@@ -48,6 +53,7 @@ impl FormatError {
         match self {
             FormatError::Locked { .. } => "locked",
             FormatError::Open { .. } => "open",
+            FormatError::Flush { .. } => "flush",
             FormatError::DeviceChanged { .. } => "device-changed",
             FormatError::NotEligible { .. } => "not-eligible",
             FormatError::Observe { .. } => "observe",
@@ -101,17 +107,20 @@ pub fn mkfs_command(dev: &Path, fs: FsType, uuid: &str) -> Cmd {
     }
 }
 
+/// How long the last look before mkfs may read the device.
+const LAST_LOOK_DEADLINE: Duration = Duration::from_secs(30);
+
 impl Formatter for MkfsFormatter {
     /// Refuses, by itself, a device that carries any signature: mkfs.xfs does
     /// without `-f`, but mke2fs overwrites silently whenever stdin is not a
     /// terminal (found by `tests/format_safety.rs`), so the last look is ours.
     fn mkfs(&self, dev: &Path, fs: FsType, uuid: &str) -> Result<(), CmdError> {
-        let probe = Cmd::new("wipefs").arg("--no-act").arg("--json").arg(dev);
-        let found =
-            crate::host::probe::parse_wipefs(&probe.output()?).map_err(|e| CmdError::Failed {
-                cmd: probe.display(),
-                status: "unparsable output".into(),
-                stderr: e.to_string(),
+        let found = crate::host::probe::Signatures::Libblkid
+            .read(dev, LAST_LOOK_DEADLINE)
+            .map_err(|e| CmdError::Failed {
+                cmd: mkfs_command(dev, fs, uuid).display(),
+                status: "not run: the last probe failed".into(),
+                stderr: e,
             })?;
         if let Some(sig) = found.first() {
             return Err(CmdError::Failed {
@@ -202,7 +211,11 @@ pub fn format_safely(
     // 1. The lock udev and util-linux honour (see systemd's "Locking Block
     //    Device Access"): while we hold it, udevd does not probe the device.
     let lock = lock_device(device, &devnode)?;
-    // 2. Observe again.
+    // 2. Observe again, past this host's page cache: what was written to
+    //    the disk by another way (another host on a shared disk, a loop's
+    //    backing file) is not in it, and a probe served from it would
+    //    read the old blank blocks.
+    drop_page_cache(device, &*lock)?;
     let (inv, idx) = observe_again(req, host)?;
     let dev = &inv.devices[idx];
     // 3. The fingerprint must be what the plan saw.
@@ -238,6 +251,23 @@ pub fn format_safely(
     crate::failpoint::hit("format-after-mkfs");
     drop(lock);
     Ok(uuid)
+}
+
+mod ioctls {
+    // BLKFLSBUF = _IO(0x12, 97): writes back and drops the device's cache.
+    nix::ioctl_none!(blkflsbuf, 0x12, 97);
+}
+
+/// Writes back and drops the page cache of the device open as `fd`, so that
+/// the next read comes from the medium.
+fn drop_page_cache(device: &str, fd: &impl std::os::fd::AsRawFd) -> Result<(), FormatError> {
+    // SAFETY: BLKFLSBUF takes no argument; `fd` is an open block device
+    // (the flocked descriptor) for the duration of the call.
+    unsafe { ioctls::blkflsbuf(fd.as_raw_fd()) }.map_err(|source| FormatError::Flush {
+        device: device.into(),
+        source,
+    })?;
+    Ok(())
 }
 
 /// The exclusive flock on the device node, not waited for.

@@ -1,6 +1,7 @@
 //! Linux adapters. Each capability is a trait returning `model` types, with a
 //! real implementation and a recording fake (`fake`).
 
+pub mod blkid;
 pub mod cleanup;
 pub mod cmd;
 pub mod dirs;
@@ -14,6 +15,7 @@ pub mod mounter;
 pub mod mountinfo;
 pub mod pool;
 pub mod probe;
+pub mod probecache;
 pub mod sysfs;
 pub mod system;
 pub mod udevdb;

@@ -1,7 +1,9 @@
 //! Our own read-only probe of device contents: every signature libblkid knows
-//! (through `wipefs --no-act --json`, which enumerates superblocks *and*
-//! partition tables, overlapping ones included), a zero check of the first and
-//! last MiB, and the kernel's exclusive-open test.
+//! (in-process, listed as `wipefs --no-act` lists them: superblocks *and*
+//! partition tables, overlapping ones included; see `host::blkid`), a zero
+//! check of the first and last MiB, and the kernel's exclusive-open test.
+//! `wipefs --no-act --json` itself remains a source, for the comparison
+//! tests and for `disklet scan --prober wipefs`.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -161,18 +163,66 @@ pub fn one_read_within<T: Send + 'static>(
     .flatten()
 }
 
+/// Where the signatures come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signatures {
+    /// libblkid in this process (`host::blkid`), the default.
+    Libblkid,
+    /// `wipefs --no-act --json` run as this program: a process per probe.
+    Wipefs(String),
+}
+
+impl Signatures {
+    /// Reads the signatures of `dev` within `timeout`: a read of a dead
+    /// device that does not return fails the probe (in-process, its thread
+    /// is left to hang alone and the device is not read again until it
+    /// returns; a `wipefs` is killed).
+    pub fn read(&self, dev: &Path, timeout: Duration) -> Result<Vec<Signature>, String> {
+        match self {
+            Signatures::Libblkid => {
+                let path = dev.to_path_buf();
+                one_read_within(dev, timeout, move || Some(super::blkid::signatures(&path)))
+                    .unwrap_or_else(|| {
+                        Err(format!(
+                            "reading the signatures of {} did not finish within {timeout:?} (or an earlier read of it still hangs)",
+                            dev.display()
+                        ))
+                    })
+            }
+            Signatures::Wipefs(prog) => Cmd::new(prog)
+                .arg("--no-act")
+                .arg("--json")
+                .arg(dev)
+                .timeout(timeout)
+                .output()
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_wipefs(&t).map_err(|e| e.to_string())),
+        }
+    }
+}
+
 /// The real prober.
 #[derive(Debug, Clone)]
 pub struct BlkidProber {
-    pub wipefs: String,
+    pub signatures: Signatures,
     pub timeout: Duration,
 }
 
 impl Default for BlkidProber {
     fn default() -> Self {
         BlkidProber {
-            wipefs: "wipefs".into(),
+            signatures: Signatures::Libblkid,
             timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BlkidProber {
+    /// The prober that reads signatures with the `wipefs` program.
+    pub fn wipefs(prog: &str) -> Self {
+        BlkidProber {
+            signatures: Signatures::Wipefs(prog.into()),
+            ..BlkidProber::default()
         }
     }
 }
@@ -182,16 +232,7 @@ impl Prober for BlkidProber {
         if dev.size_bytes == 0 {
             return Probe::NotProbed;
         }
-        let out = Cmd::new(&self.wipefs)
-            .arg("--no-act")
-            .arg("--json")
-            .arg(&dev.devnode)
-            .timeout(self.timeout)
-            .output();
-        let mut signatures = match out
-            .map_err(|e| e.to_string())
-            .and_then(|t| parse_wipefs(&t).map_err(|e| e.to_string()))
-        {
+        let mut signatures = match self.signatures.read(&dev.devnode, self.timeout) {
             Ok(s) => s,
             Err(error) => return Probe::Failed { error },
         };

@@ -26,6 +26,7 @@ use tracing::warn;
 use crate::config::Config;
 use crate::host::format::Formatter;
 use crate::host::mounter::Mounter;
+use crate::host::probecache::{DeviceEvents, ProbeCache};
 use crate::host::{BlkidProber, HostError, ProcTables, SysfsDevices};
 use crate::k8s::client::{Kube, KubeError};
 use crate::model::{DirEntry, Fingerprint, Inventory, MountFact};
@@ -74,6 +75,9 @@ pub struct Agent {
     pub kube: Kube,
     pub devices: SysfsDevices,
     pub prober: BlkidProber,
+    /// The passes' probes, kept while a device has not changed
+    /// (`host::probecache`); destructive steps use `prober` afresh.
+    pub probes: ProbeCache,
     pub tables: ProcTables,
     pub formatter: Box<dyn Formatter>,
     pub mounter: Box<dyn Mounter>,
@@ -132,12 +136,17 @@ impl Agent {
         mounter: Box<dyn Mounter>,
     ) -> Agent {
         let tables = ProcTables::new(&cfg.mount_info);
+        let probes = ProbeCache::new(
+            Duration::from_secs(cfg.resync_seconds),
+            Arc::new(DeviceEvents::default()),
+        );
         Agent {
             cfg,
             classes,
             kube,
             devices: SysfsDevices::default(),
             prober: BlkidProber::default(),
+            probes,
             tables,
             formatter,
             mounter,
@@ -158,6 +167,12 @@ impl Agent {
         let (node, node_obj) = node?;
         let scs = self.storage_classes().await?;
         let observed = tokio::task::block_in_place(|| self.observe())?;
+        for (source, n) in [
+            ("read", self.probes.reads.swap(0, Ordering::Relaxed)),
+            ("cached", self.probes.hits.swap(0, Ordering::Relaxed)),
+        ] {
+            self.metrics.probed(source, n);
+        }
         self.metrics.devices.clear();
         for d in &observed.decisions {
             let l = crate::metrics::DeviceLabels {

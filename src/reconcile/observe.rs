@@ -29,8 +29,9 @@ impl Agent {
         }
         self.stable = seen;
         let since = |d: &crate::model::Device| self.stable.get(&d.name).map_or(now, |s| s.1);
+        let probes = self.probes.over(&self.prober);
         let decisions =
-            crate::scan::decide_all_aged(&mut inv, &self.cfg, &self.classes, &self.prober, &|d| {
+            crate::scan::decide_all_aged(&mut inv, &self.cfg, &self.classes, &probes, &|d| {
                 Some(now.saturating_duration_since(since(d)))
             });
         // Wake when the first settling device will have settled.
@@ -100,10 +101,12 @@ impl Agent {
             tries += 1;
             let inv = crate::scan::observe_named(
                 &self.devices,
-                &self.prober,
+                &self.probes.over(&self.prober),
                 &self.tables,
                 Some(&self.classes),
             )?;
+            let names: Vec<&str> = inv.devices.iter().map(|d| d.name.as_str()).collect();
+            self.probes.retain(&names);
             let mut entries = Vec::new();
             for c in &self.cfg.classes {
                 for d in &c.discovery_dirs {

@@ -46,6 +46,9 @@ impl Agent {
         let r = tokio::task::block_in_place(|| {
             format_safely(&req, &host, self.formatter.as_ref(), &recheck)
         });
+        // Formatted or refused on fresh data: either way what the cache
+        // holds of the device is no longer to be trusted.
+        self.probes.forget(&device);
         self.metrics
             .format_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -74,7 +74,7 @@ impl Agent {
     /// Starts the event sources and the PV watch.
     fn start_sources(&self) -> Sources {
         let (tx, kicks) = mpsc::channel::<Kick>(256);
-        events::spawn_device_monitors(&tx);
+        events::spawn_device_monitors(&tx, &self.probes.events);
         if let Err(e) = events::spawn_mount_watch(&self.cfg.mount_info, tx.clone()) {
             warn!(error = %e, "cannot watch the mount table; relying on resync");
         }
