@@ -265,6 +265,9 @@ fn cases() -> Vec<Case> {
         case(&[(RESYNC, "resyncSeconds: 1.5")], "resyncSeconds", "whole number"),
         case(&[(RESYNC, "resyncSeconds: ~")], "resyncSeconds", "whole number"),
         case(&[(RESYNC, "resyncSecs: 60")], "resyncSecs", "did you mean `resyncSeconds`"),
+        case(&[(RESYNC, "resyncSeconds: 60\nreprobeSeconds: 0")], "reprobeSeconds", "1..86400"),
+        case(&[(RESYNC, "resyncSeconds: 60\nreprobeSeconds: 86401")], "reprobeSeconds", "1..86400"),
+        case(&[(RESYNC, "resyncSeconds: 60\nreprobeSeconds: \"600\"")], "reprobeSeconds", "whole number"),
         // classes and unknown top-level keys
         case(&[("classes:\n", "classes: fast\nx:\n")], "classes", "list"),
         case(&[("classes:\n", "clases:\n")], "clases", "did you mean `classes`"),

@@ -29,12 +29,20 @@ pub struct Config {
     /// Full reconcile at least this often, whatever the events say.
     #[serde(default = "default_resync", deserialize_with = "whole_number")]
     pub resync_seconds: u64,
+    /// Every device's contents read again at least this often, even when
+    /// nothing about it changed (`host::probecache`).
+    #[serde(default = "default_reprobe", deserialize_with = "whole_number")]
+    pub reprobe_seconds: u64,
     #[serde(default)]
     pub classes: Vec<Class>,
 }
 
 fn default_resync() -> u64 {
     60
+}
+
+fn default_reprobe() -> u64 {
+    600
 }
 
 fn default_host_dir() -> PathBuf {
@@ -55,6 +63,7 @@ impl Default for Config {
             mount_info: default_mount_info(),
             topology_keys: Vec::new(),
             resync_seconds: default_resync(),
+            reprobe_seconds: default_reprobe(),
             classes: Vec::new(),
         }
     }

@@ -19,6 +19,12 @@ pub(super) fn validate(cfg: &Config) -> Vec<Problem> {
             format!("{} is out of range; use 1..86400", cfg.resync_seconds),
         );
     }
+    if cfg.reprobe_seconds == 0 || cfg.reprobe_seconds > 86400 {
+        out.bad(
+            "reprobeSeconds".into(),
+            format!("{} is out of range; use 1..86400", cfg.reprobe_seconds),
+        );
+    }
     topology_keys(&cfg.topology_keys, &mut out);
     if cfg.host_dir == Path::new("/")
         || cfg.host_dir.starts_with(&cfg.kubelet_dir)

@@ -7,7 +7,7 @@
 //! partition's writes count on its disk too), and the number of udev or
 //! kernel events seen for it. The key is read *before* the probe, so a write
 //! that lands during the probe changes the key the next pass reads. Entries
-//! older than `max_age` (the resync period) are read again, and a failed or
+//! older than `max_age` (`reprobeSeconds`) are read again, and a failed or
 //! skipped probe is never kept.
 //!
 //! This serves the passes' observation only. Every destructive step still

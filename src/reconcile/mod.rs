@@ -137,7 +137,7 @@ impl Agent {
     ) -> Agent {
         let tables = ProcTables::new(&cfg.mount_info);
         let probes = ProbeCache::new(
-            Duration::from_secs(cfg.resync_seconds),
+            Duration::from_secs(cfg.reprobe_seconds),
             Arc::new(DeviceEvents::default()),
         );
         Agent {
