@@ -178,7 +178,28 @@ async fn startup() -> Disks {
     let agent = Agent::start_with(&env, "agent2", "node-a", &cfg, JSON);
     agent.wait_log_within("ready: first reconcile done", Duration::from_secs(300));
     let restart = t.elapsed();
+    let cached = |a: &Agent| {
+        let (_, body) = a.get("/metrics");
+        support::agent::metric_sum(
+            &body.replace("{source=\"cached\"}", "_cached "),
+            "disklet_device_probes_total_cached",
+        )
+        .unwrap_or(0.0)
+    };
+    let (c0, all0) = (
+        cached(&agent),
+        metric(&agent, "disklet_device_probes_total"),
+    );
     let idle = idle_pass(&agent, 5.0);
+    let (c1, all1) = (
+        cached(&agent),
+        metric(&agent, "disklet_device_probes_total"),
+    );
+    println!(
+        "  idle passes' probes: {} read, {} cached",
+        (all1 - all0) - (c1 - c0),
+        c1 - c0
+    );
     drop(agent);
     Disks {
         attach: attach_t,
