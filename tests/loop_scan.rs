@@ -103,22 +103,7 @@ fn prepare(dir: &Path, with_udev: bool) -> (Vec<Scenario>, Vec<Box<dyn Any>>) {
     }
 
     let lp = Loop::new(dir, "luks", 320);
-    let key = dir.join("luks.key");
-    std::fs::write(&key, "not-a-secret").unwrap();
-    sh(&[
-        "cryptsetup",
-        "luksFormat",
-        "-q",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        "--key-file",
-        key.to_str().unwrap(),
-        lp.path(),
-    ]);
+    luks_format(lp.path(), dir);
     s.push(scenario("luks", lp, vec![], |l| {
         vec![expect(
             l,
@@ -304,22 +289,6 @@ fn prepare(dir: &Path, with_udev: bool) -> (Vec<Scenario>, Vec<Box<dyn Any>>) {
 
 fn udev_tag() -> String {
     format!("disklet-test-{}", std::process::id())
-}
-
-fn sfdisk(dev: &str, script: &str) {
-    use std::io::Write;
-    let mut c = std::process::Command::new("sfdisk")
-        .args(["-q", "--no-reread", dev])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(c.wait().unwrap().success(), "sfdisk {dev}");
 }
 
 fn config(dir: &Path, s: &[Scenario], with_udev: bool) -> String {

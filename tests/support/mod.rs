@@ -31,6 +31,44 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Writes the partition table `script` (sfdisk's input) to `dev`, without
+/// asking the kernel to read it.
+pub fn sfdisk(dev: &str, script: &str) {
+    let mut c = Command::new("sfdisk")
+        .args(["-q", "--no-reread", dev])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success(), "sfdisk {dev}");
+}
+
+/// A LUKS2 header on `dev`, quickly (pbkdf2 at 1000 iterations), its key in
+/// `dir`.
+pub fn luks_format(dev: &str, dir: &Path) {
+    let key = dir.join("luks.key");
+    std::fs::write(&key, "not-a-secret").unwrap();
+    sh(&[
+        "cryptsetup",
+        "luksFormat",
+        "-q",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        key.to_str().unwrap(),
+        dev,
+    ]);
+}
+
 pub fn have(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
