@@ -48,27 +48,20 @@ async fn a_disk_written_behind_the_agents_back_with_the_cache_warm_is_never_form
     // The first pass read the three blank disks; they settle for 4 s.
     assert!(agent.metric("disklet_device_probes_total").unwrap() >= 3.0);
 
+    // One into the backing file, one through the device node.
     let img = by_file.file.to_str().unwrap();
-    sh(&[
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-E",
-        "nodiscard",
-        "-U",
-        UUID_FILE,
-        img,
-    ]);
-    sh(&[
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-E",
-        "nodiscard",
-        "-U",
-        UUID_DEV,
-        by_dev.path(),
-    ]);
+    for (uuid, target) in [(UUID_FILE, img), (UUID_DEV, by_dev.path())] {
+        sh(&[
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard",
+            "-U",
+            uuid,
+            target,
+        ]);
+    }
     let log = || std::fs::read_to_string(&agent.log).unwrap();
     assert!(
         !log().contains("formatted"),

@@ -3,7 +3,7 @@
 //! partition tables, overlapping ones included; see `host::blkid`), a zero
 //! check of the first and last MiB, and the kernel's exclusive-open test.
 //! `wipefs --no-act --json` itself remains a source, for the comparison
-//! tests and for `disklet scan --prober wipefs`.
+//! with it (`tests/probe_parity.rs`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

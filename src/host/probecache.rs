@@ -168,27 +168,17 @@ impl Prober for Cached<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::fake::{FakeProber, ProberCall};
     use crate::model::{DeviceKind, Signature};
     use std::sync::Arc;
 
-    /// A prober that counts its probes and answers what it is told.
-    #[derive(Default)]
-    struct Counting {
-        probes: AtomicU64,
-        answer: Mutex<Option<Probe>>,
-    }
-
-    impl Prober for Counting {
-        fn probe(&self, _: &Device) -> Probe {
-            self.probes.fetch_add(1, Ordering::SeqCst);
-            self.answer.lock().unwrap().clone().unwrap_or(Probe::Done {
-                signatures: vec![],
-                zeroed: Some(true),
-            })
-        }
-        fn exclusive(&self, _: &Device) -> Exclusive {
-            Exclusive::Free
-        }
+    /// How many times `inner` read a device's contents.
+    fn probes(inner: &FakeProber) -> usize {
+        inner
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, ProberCall::Probe(_)))
+            .count()
     }
 
     fn stat(dir: &Path, name: &str, writes: u64) {
@@ -213,13 +203,13 @@ mod tests {
         let events = Arc::new(DeviceEvents::default());
         let cache =
             ProbeCache::new(Duration::from_secs(600), events.clone()).with_sysfs(dir.path());
-        let inner = Counting::default();
+        let inner = FakeProber::default();
         let p = cache.over(&inner);
         let mut dev = Device::new("loop7", DevNo { major: 7, minor: 7 }, DeviceKind::Loop);
         dev.size_bytes = 1 << 30;
         dev.diskseq = Some(40);
         stat(dir.path(), "loop7", 1);
-        let reads = |n| assert_eq!(inner.probes.load(Ordering::SeqCst), n);
+        let reads = |n| assert_eq!(probes(&inner), n);
         p.probe(&dev);
         p.probe(&dev);
         reads(1);
@@ -258,41 +248,53 @@ mod tests {
     fn failures_are_never_kept_and_old_entries_are_read_again() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ProbeCache::new(Duration::ZERO, Arc::default()).with_sysfs(dir.path());
-        let inner = Counting::default();
+        let inner = FakeProber::default();
         let p = cache.over(&inner);
         let mut dev = Device::new("loop3", DevNo { major: 7, minor: 3 }, DeviceKind::Loop);
         dev.size_bytes = 1 << 30;
         stat(dir.path(), "loop3", 0);
         p.probe(&dev);
         p.probe(&dev);
-        assert_eq!(
-            inner.probes.load(Ordering::SeqCst),
-            2,
-            "max age 0: always read"
-        );
+        assert_eq!(probes(&inner), 2, "max age 0: always read");
+        // The same cache serves whichever prober it is put over: first one
+        // whose read fails, then one that finds an xfs.
         let cache =
             ProbeCache::new(Duration::from_secs(600), Arc::default()).with_sysfs(dir.path());
-        let p = cache.over(&inner);
-        *inner.answer.lock().unwrap() = Some(Probe::Failed {
-            error: "EIO".into(),
-        });
-        p.probe(&dev);
-        *inner.answer.lock().unwrap() = Some(Probe::Done {
-            signatures: vec![Signature {
-                kind: "xfs".into(),
-                offset: 0,
-                uuid: None,
-                label: None,
-                in_progress: false,
-            }],
-            zeroed: None,
-        });
+        let failing = FakeProber {
+            probes: [(
+                "loop3".to_string(),
+                Probe::Failed {
+                    error: "EIO".into(),
+                },
+            )]
+            .into(),
+            ..FakeProber::default()
+        };
+        cache.over(&failing).probe(&dev);
+        let xfs = FakeProber {
+            probes: [(
+                "loop3".to_string(),
+                Probe::Done {
+                    signatures: vec![Signature {
+                        kind: "xfs".into(),
+                        offset: 0,
+                        uuid: None,
+                        label: None,
+                        in_progress: false,
+                    }],
+                    zeroed: None,
+                },
+            )]
+            .into(),
+            ..FakeProber::default()
+        };
+        let p = cache.over(&xfs);
         assert!(
             matches!(p.probe(&dev), Probe::Done { .. }),
             "the failure was not kept"
         );
-        assert_eq!(inner.probes.load(Ordering::SeqCst), 4);
+        assert_eq!(probes(&failing) + probes(&xfs), 2);
         assert!(matches!(p.probe(&dev), Probe::Done { .. }));
-        assert_eq!(inner.probes.load(Ordering::SeqCst), 4, "the success was");
+        assert_eq!(probes(&xfs), 1, "the success was");
     }
 }
