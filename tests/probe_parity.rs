@@ -164,7 +164,11 @@ fn fixtures() -> Vec<(&'static str, u64, Option<&'static str>, Make)> {
 
 #[test]
 fn libblkid_in_process_lists_what_wipefs_lists_and_decides_the_same() {
-    if skip_unless_root("probe parity") || !have("wipefs") {
+    if skip_unless_root("probe parity") {
+        return;
+    }
+    if !have("wipefs") {
+        eprintln!("SKIPPED probe parity: wipefs (util-linux) is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
