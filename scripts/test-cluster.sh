@@ -569,8 +569,10 @@ CT
             "dataDir": "$nd/cni/ipam"}},
   {"type": "loopback"}]}
 CNI
-  # Eviction and image GC off in effect: this machine's disk is shared and mostly full,
-  # and the imported images can never be pulled again.
+  # Eviction and image GC off: this machine's disk is shared with others and its free
+  # space moves under us (a node under disk or memory pressure rejects every new pod,
+  # reason Evicted), and the imported images can never be pulled again. kubelet ignores
+  # a threshold of "0%"; every default signal is named, so none falls back to its default.
   cat >"$nd/kubelet-config.yaml" <<KY
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -593,7 +595,7 @@ authorization: {mode: Webhook}
 podLogsDir: $nd/pod-logs
 volumePluginDir: $nd/kubelet/volume-plugins
 enforceNodeAllocatable: []
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+evictionHard: {memory.available: "0%", nodefs.available: "0%", nodefs.inodesFree: "0%", imagefs.available: "0%", imagefs.inodesFree: "0%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 maxPods: 30

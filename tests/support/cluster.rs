@@ -323,7 +323,26 @@ pub async fn wait_for<K>(
     pred: impl Fn(&K) -> bool,
 ) -> K
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug + Send + 'static,
+{
+    match try_wait_for(api, name, what, timeout, pred).await {
+        Ok(o) => o,
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// [`wait_for`], giving back on timeout what it would panic with: the last
+/// seen object's `status` first, on one line (CI shows a failure's first
+/// lines), then the object without its managedFields.
+pub async fn try_wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&K) -> bool,
+) -> Result<K, String>
+where
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug + Send + 'static,
 {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut last: Option<K> = None;
@@ -349,9 +368,28 @@ where
         panic!("watch ended")
     };
     match tokio::time::timeout(timeout, wait).await {
-        Ok(o) => o,
-        Err(_) => panic!("timed out after {timeout:?} waiting for {what}; last seen: {last:#?}"),
+        Ok(o) => Ok(o),
+        Err(_) => Err(format!(
+            "timed out after {timeout:?} waiting for {what}; last seen: {}",
+            brief(last.as_ref())
+        )),
     }
+}
+
+/// An API object for a failure message: its `status` on one line, then the
+/// rest without `metadata.managedFields`.
+pub fn brief<K: serde::Serialize>(o: Option<&K>) -> String {
+    let Some(mut v) = o.and_then(|o| serde_json::to_value(o).ok()) else {
+        return "nothing".into();
+    };
+    if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("managedFields");
+    }
+    let status = v
+        .as_object_mut()
+        .and_then(|m| m.remove("status"))
+        .unwrap_or_default();
+    format!("status {status}\nobject {v:#}")
 }
 
 /// Waits until no object `name` exists, on a watch.

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
 use kube::api::Api;
 use serde_json::json;
 
-use super::cluster::{name_of, wait_for, KubeletNode, NodeRig, Scope};
+use super::cluster::{name_of, try_wait_for, KubeletNode, NodeRig, Scope};
 
 /// One test at a time on the kubelet node: there is one such node, and two
 /// agents on one node would each take the other's PVs for their own.
@@ -95,14 +95,56 @@ impl Scope {
         });
         self.apply_json(&pod).await;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), "disklet-system");
-        wait_for(
+        let running = try_wait_for(
             &pods,
             &name,
             &format!("the stand-in pod of {sa} Running on the kubelet node"),
             Duration::from_secs(90),
             |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"),
         )
-        .await
+        .await;
+        match running {
+            Ok(p) => p,
+            Err(why) => panic!("{}\n{why}", self.kubelet_node_state(&name).await),
+        }
+    }
+
+    /// Why the kubelet node may refuse or not start a pod: its conditions and
+    /// taints, and kubelet's log lines naming `pod` (the last 20).
+    pub async fn kubelet_node_state(&self, pod: &str) -> String {
+        let k = self.kubelet_node();
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes.get_opt(&k.name).await.ok().flatten();
+        let conditions: Vec<String> = node
+            .as_ref()
+            .and_then(|n| n.status.as_ref()?.conditions.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                format!(
+                    "{}={} ({})",
+                    c.type_,
+                    c.status,
+                    c.message.unwrap_or_default()
+                )
+            })
+            .collect();
+        let taints: Vec<String> = node
+            .as_ref()
+            .and_then(|n| n.spec.as_ref()?.taints.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| format!("{}:{}", t.key, t.effect))
+            .collect();
+        let log =
+            std::fs::read_to_string(self.cluster.dir.join("logs/kubelet.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(pod)).collect();
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        format!(
+            "kubelet node {}: conditions {conditions:?}, taints {taints:?}; kubelet's log on {pod}:\n{}",
+            k.name,
+            tail.join("\n")
+        )
     }
 }
 
