@@ -268,6 +268,9 @@ fn cases() -> Vec<Case> {
         case(&[(RESYNC, "resyncSeconds: 60\nreprobeSeconds: 0")], "reprobeSeconds", "1..86400"),
         case(&[(RESYNC, "resyncSeconds: 60\nreprobeSeconds: 86401")], "reprobeSeconds", "1..86400"),
         case(&[(RESYNC, "resyncSeconds: 60\nreprobeSeconds: \"600\"")], "reprobeSeconds", "whole number"),
+        case(&[(RESYNC, "resyncSeconds: 60\nformatConcurrency: 0")], "formatConcurrency", "1..64"),
+        case(&[(RESYNC, "resyncSeconds: 60\nformatConcurrency: 65")], "formatConcurrency", "1..64"),
+        case(&[(RESYNC, "resyncSeconds: 60\nformatConcurrency: -1")], "formatConcurrency", "whole number"),
         // classes and unknown top-level keys
         case(&[("classes:\n", "classes: fast\nx:\n")], "classes", "list"),
         case(&[("classes:\n", "clases:\n")], "clases", "did you mean `classes`"),

@@ -33,6 +33,13 @@ pub struct Config {
     /// nothing about it changed (`host::probecache`).
     #[serde(default = "default_reprobe", deserialize_with = "whole_number")]
     pub reprobe_seconds: u64,
+    /// At most this many disks formatted at once (each under every
+    /// interlock of a single format).
+    #[serde(
+        default = "default_format_concurrency",
+        deserialize_with = "whole_number"
+    )]
+    pub format_concurrency: u64,
     #[serde(default)]
     pub classes: Vec<Class>,
 }
@@ -43,6 +50,10 @@ fn default_resync() -> u64 {
 
 fn default_reprobe() -> u64 {
     600
+}
+
+fn default_format_concurrency() -> u64 {
+    8
 }
 
 fn default_host_dir() -> PathBuf {
@@ -64,6 +75,7 @@ impl Default for Config {
             topology_keys: Vec::new(),
             resync_seconds: default_resync(),
             reprobe_seconds: default_reprobe(),
+            format_concurrency: default_format_concurrency(),
             classes: Vec::new(),
         }
     }

@@ -25,6 +25,12 @@ pub(super) fn validate(cfg: &Config) -> Vec<Problem> {
             format!("{} is out of range; use 1..86400", cfg.reprobe_seconds),
         );
     }
+    if cfg.format_concurrency == 0 || cfg.format_concurrency > 64 {
+        out.bad(
+            "formatConcurrency".into(),
+            format!("{} is out of range; use 1..64", cfg.format_concurrency),
+        );
+    }
     topology_keys(&cfg.topology_keys, &mut out);
     if cfg.host_dir == Path::new("/")
         || cfg.host_dir.starts_with(&cfg.kubelet_dir)

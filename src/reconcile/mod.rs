@@ -209,17 +209,67 @@ impl Agent {
             wake_at: observed.wake_at,
             ..Outcome::default()
         };
-        for a in actions {
-            if self.act(a, &observed, &node_obj).await {
-                out.host_changed = true;
-            }
-        }
+        out.host_changed = self.act_all(actions, &observed, &node_obj).await;
         self.status.reconciles.fetch_add(1, Ordering::Relaxed);
         self.metrics.reconciles.inc();
         self.metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(out)
+    }
+
+    /// Carries out a pass's actions in the plan's order, but the formats all
+    /// at once (where the first of them stands) and the PV applies all at
+    /// once (where the first of them stands): the plan never asks for two
+    /// things of one device in a pass. Returns whether the host changed.
+    async fn act_all(
+        &mut self,
+        actions: Vec<Action>,
+        observed: &Observed,
+        node_obj: &Node,
+    ) -> bool {
+        let mut formats = Vec::new();
+        let mut applies = Vec::new();
+        let mut rest = Vec::new();
+        for a in actions {
+            match a {
+                Action::Format {
+                    device,
+                    class,
+                    fs,
+                    fingerprint,
+                } => {
+                    if formats.is_empty() {
+                        rest.push(Batch::Formats);
+                    }
+                    formats.push(provision::FormatJob {
+                        device,
+                        class,
+                        fs,
+                        fingerprint,
+                    });
+                }
+                Action::ApplyPv { pv, create } => {
+                    if applies.is_empty() {
+                        rest.push(Batch::Applies);
+                    }
+                    applies.push((pv, create));
+                }
+                a => rest.push(Batch::One(Box::new(a))),
+            }
+        }
+        let mut changed = false;
+        for b in rest {
+            changed |= match b {
+                Batch::Formats => {
+                    self.formats(std::mem::take(&mut formats), observed, node_obj)
+                        .await
+                }
+                Batch::Applies => self.apply_pvs(std::mem::take(&mut applies)).await,
+                Batch::One(a) => self.act(*a, observed, node_obj).await,
+            };
+        }
+        changed
     }
 
     /// Carries out one action by its handler; returns whether the host
@@ -232,8 +282,13 @@ impl Agent {
                 fs,
                 fingerprint,
             } => {
-                self.format(device, class, fs, fingerprint, observed, node_obj)
-                    .await
+                let job = provision::FormatJob {
+                    device,
+                    class,
+                    fs,
+                    fingerprint,
+                };
+                self.formats(vec![job], observed, node_obj).await
             }
             Action::Mount {
                 device,
@@ -254,7 +309,7 @@ impl Agent {
                     false
                 }
             },
-            Action::ApplyPv { pv, create } => self.apply_pv(pv, create).await,
+            Action::ApplyPv { pv, create } => self.apply_pvs(vec![(pv, create)]).await,
             Action::DeletePv {
                 name,
                 uid,
@@ -290,6 +345,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// A step of `Agent::act_all`: one action, or where a pass's batch runs.
+enum Batch {
+    Formats,
+    Applies,
+    One(Box<Action>),
 }
 
 #[cfg(test)]
