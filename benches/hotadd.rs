@@ -3,7 +3,7 @@
 //! publish, without udevd and with a real udevd. The agent is the real
 //! `disklet run` binary against the fake API server, settleSeconds 0.
 //!
-//! A third run (`HOTADD_BENCH_ONLY=real` runs only it) is against the real
+//! A third run (`HOTADD_BENCH_ONLY=real` runs only it, `=fake` all but it) is against the real
 //! control plane (tests/support/cluster.rs): a pod with a claim, pinned to the
 //! node, waits (unschedulable) before each disk is attached; measured are
 //! attach → PV Available and attach → the claim Bound by the real PV
@@ -291,6 +291,9 @@ fn main() {
             report("with udevd (udev events, udev db required)", &s);
         }
         None => println!("systemd-udevd not installed: no udevd run"),
+    }
+    if std::env::var("HOTADD_BENCH_ONLY").as_deref() == Ok("fake") {
+        return;
     }
     let s = rt.block_on(run_real());
     report_real(&s);

@@ -114,6 +114,25 @@ fn idle_pass(agent: &Agent, passes: f64) -> Duration {
     }
 }
 
+/// The mean of each of `fields` over the last `n` JSON log lines whose
+/// message is `msg`, as `field=mean` pairs.
+fn means(log: &str, msg: &str, fields: &[&str], n: usize) -> String {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == msg)
+        .collect();
+    let last = &lines[lines.len().saturating_sub(n)..];
+    fields
+        .iter()
+        .map(|f| {
+            let sum: f64 = last.iter().filter_map(|v| v["fields"][*f].as_f64()).sum();
+            format!("{f}={:.2}", sum / last.len().max(1) as f64)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 struct Disks {
     attach: Duration,
     mkfs: Duration,
@@ -200,6 +219,22 @@ async fn startup() -> Disks {
         (all1 - all0) - (c1 - c0),
         c1 - c0
     );
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    for (msg, fields) in [
+        (
+            "pass timing",
+            &["api_ms", "observe_ms", "plan_ms", "act_ms"][..],
+        ),
+        (
+            "observe timing",
+            &["snapshot_ms", "decide_ms", "rest_ms"][..],
+        ),
+    ] {
+        println!(
+            "  idle passes, {msg} (mean ms of the last 5): {}",
+            means(&log, msg, fields, 5)
+        );
+    }
     drop(agent);
     Disks {
         attach: attach_t,

@@ -56,10 +56,17 @@ impl Inventory {
             .iter()
             .find(|d| d.devno == m.devno)
             .or_else(|| {
+                // Most mounts matching no device number are virtual (proc,
+                // tmpfs, cgroup), with a source that is no path at all. A
+                // relative path never equals an absolute one, and that test is
+                // one byte where `Path`'s equality parses components: this
+                // runs for every mount, of every device, in every pass.
                 let src = std::path::Path::new(&m.source);
+                let abs = src.is_absolute();
+                let same = |p: &std::path::Path| p.is_absolute() == abs && p == src;
                 self.devices
                     .iter()
-                    .find(|d| d.devnode == src || d.links.iter().any(|l| l == src))
+                    .find(|d| same(&d.devnode) || d.links.iter().any(|l| same(l)))
             })
     }
 
@@ -122,5 +129,82 @@ impl Inventory {
             .iter()
             .filter(|m| path.starts_with(&m.mount_point))
             .max_by_key(|m| m.mount_point.components().count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Inventory, MountEntry};
+    use crate::model::{DevNo, Device, DeviceKind};
+
+    fn mount(devno: DevNo, source: &str, at: &str) -> MountEntry {
+        MountEntry {
+            mount_id: 1,
+            parent_id: 0,
+            devno,
+            root: "/".into(),
+            mount_point: at.into(),
+            options: "rw".into(),
+            fs_type: "btrfs".into(),
+            source: source.into(),
+        }
+    }
+
+    #[test]
+    fn a_mount_is_the_device_of_its_number_else_of_its_source_path() {
+        let mut sdb = Device::new(
+            "sdb",
+            DevNo {
+                major: 8,
+                minor: 16,
+            },
+            DeviceKind::Disk,
+        );
+        sdb.devnode = "/dev/sdb".into();
+        sdb.links = vec!["/dev/disk/by-id/wwn-1".into()];
+        let mut sdc = Device::new(
+            "sdc",
+            DevNo {
+                major: 8,
+                minor: 32,
+            },
+            DeviceKind::Disk,
+        );
+        sdc.devnode = "/dev/sdc".into();
+        let anon = DevNo {
+            major: 0,
+            minor: 42,
+        };
+        let inv = Inventory {
+            devices: vec![sdb, sdc],
+            mounts: vec![
+                mount(
+                    DevNo {
+                        major: 8,
+                        minor: 32,
+                    },
+                    "/dev/whatever",
+                    "/a",
+                ),
+                mount(anon, "/dev/sdb", "/b"),
+                mount(anon, "/dev//disk/by-id/wwn-1/", "/c"),
+                mount(anon, "sdb", "/d"),
+                mount(anon, "tmpfs", "/e"),
+            ],
+            ..Inventory::default()
+        };
+        let owner: Vec<Option<&str>> = inv
+            .mounts
+            .iter()
+            .map(|m| inv.mount_device(m).map(|d| d.name.as_str()))
+            .collect();
+        // By number first; by path (as Path equality has it: a doubled or
+        // trailing slash is the same path, a relative name is no device).
+        assert_eq!(owner, [Some("sdc"), Some("sdb"), Some("sdb"), None, None]);
+        let sdb_mounts: Vec<_> = inv
+            .mounts_of(&inv.devices[0])
+            .map(|m| m.mount_point.to_str().unwrap())
+            .collect();
+        assert_eq!(sdb_mounts, ["/b", "/c"]);
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use kube::runtime::reflector::Store;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::host::format::Formatter;
@@ -166,7 +166,9 @@ impl Agent {
         self.metrics.api("get-node", node.is_ok());
         let (node, node_obj) = node?;
         let scs = self.storage_classes().await?;
+        let api_done = Instant::now();
         let observed = tokio::task::block_in_place(|| self.observe())?;
+        let observed_at = Instant::now();
         for (source, n) in [
             ("read", self.probes.reads.swap(0, Ordering::Relaxed)),
             ("cached", self.probes.hits.swap(0, Ordering::Relaxed)),
@@ -209,7 +211,18 @@ impl Agent {
             wake_at: observed.wake_at,
             ..Outcome::default()
         };
+        let planned_at = Instant::now();
         out.host_changed = self.act_all(actions, &observed, &node_obj).await;
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+        let end = Instant::now();
+        debug!(
+            actions = out.actions,
+            api_ms = ms(started, api_done),
+            observe_ms = ms(api_done, observed_at),
+            plan_ms = ms(observed_at, planned_at),
+            act_ms = ms(planned_at, end),
+            "pass timing"
+        );
         self.status.reconciles.fetch_add(1, Ordering::Relaxed);
         self.metrics.reconciles.inc();
         self.metrics

@@ -16,8 +16,10 @@ use crate::plan::Verdict;
 impl Agent {
     /// Devices, decisions (with settle times), mount facts and discovery dirs.
     pub fn observe(&mut self) -> Result<Observed, HostError> {
+        let started = Instant::now();
         let (mut inv, entries) = self.snapshot()?;
         let now = Instant::now();
+        let listed = now;
         let mut seen = HashMap::new();
         for d in &inv.devices {
             let fp = Fingerprint::of(d, &inv);
@@ -34,6 +36,7 @@ impl Agent {
             crate::scan::decide_all_aged(&mut inv, &self.cfg, &self.classes, &probes, &|d| {
                 Some(now.saturating_duration_since(since(d)))
             });
+        let decided = Instant::now();
         // Wake when the first settling device will have settled.
         let mut wake_at: Option<Instant> = None;
         for (dev, d) in inv.devices.iter().zip(&decisions) {
@@ -79,6 +82,14 @@ impl Agent {
                 mounts.insert(m.mount_point.clone(), fact);
             }
         }
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+        debug!(
+            devices = inv.devices.len(),
+            snapshot_ms = ms(started, listed),
+            decide_ms = ms(listed, decided),
+            rest_ms = ms(decided, Instant::now()),
+            "observe timing"
+        );
         Ok(Observed {
             inv,
             decisions,
