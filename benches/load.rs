@@ -141,6 +141,22 @@ struct Disks {
     passes: f64,
     restart: Duration,
     idle_pass: Duration,
+    /// CPU seconds and passes of an idle agent over 60 s (default resync).
+    idle_minute: (f64, f64),
+}
+
+/// User plus system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |v| v as f64);
+    ticks / hz
 }
 
 /// 200 attached, then the agent started; restart; idle pass.
@@ -236,6 +252,28 @@ async fn startup() -> Disks {
         );
     }
     drop(agent);
+    // The default resync (60 s): what an idle agent costs a node per minute.
+    let agent = Agent::start_with(
+        &env,
+        "agent3",
+        "node-a",
+        &cfg.replace("resyncSeconds: 2\n", ""),
+        JSON,
+    );
+    agent.wait_log_within("ready: first reconcile done", Duration::from_secs(300));
+    let (cpu0, passes0) = (
+        cpu_seconds(agent.pid()),
+        metric(&agent, "disklet_reconciles_total"),
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let _ = agent.recv_line(Duration::from_millis(500));
+    }
+    let idle_minute = (
+        cpu_seconds(agent.pid()) - cpu0,
+        metric(&agent, "disklet_reconciles_total") - passes0,
+    );
+    drop(agent);
     Disks {
         attach: attach_t,
         mkfs,
@@ -244,6 +282,7 @@ async fn startup() -> Disks {
         passes,
         restart,
         idle_pass: idle,
+        idle_minute,
     }
 }
 
@@ -452,6 +491,12 @@ fn disks_part(rt: &tokio::runtime::Runtime, cpus: usize) {
     println!(
         "  idle reconcile pass, {DISKS} published       {:8.3} s",
         secs(d.idle_pass)
+    );
+    println!(
+        "  idle minute (resync 60 s): CPU {:.3} s over {} passes ({:.2}% of one CPU)",
+        d.idle_minute.0,
+        d.idle_minute.1,
+        d.idle_minute.0 / 60.0 * 100.0
     );
     println!(
         "  baseline: mkfs.ext4 x{DISKS}, sequential     {:8.2} s  ({:.1} ms per device)",
