@@ -128,6 +128,29 @@ async fn run(with_udevd: bool) -> Vec<Sample> {
         let _ = with_udevd;
     }
     drop(agent);
+    // Where a pass that acted spends its time (the agent's debug lines).
+    let mean = |msg: &str, f: &str, acted: bool| {
+        let v: Vec<f64> = lines
+            .iter()
+            .filter(|v| v["fields"]["message"] == msg)
+            .filter(|v| !acted || v["fields"]["actions"].as_u64().is_some_and(|n| n > 0))
+            .filter_map(|v| v["fields"][f].as_f64())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    println!(
+        "  passes that acted, mean ms: api {:.2} observe {:.2} plan {:.2} act {:.2}",
+        mean("pass timing", "api_ms", true),
+        mean("pass timing", "observe_ms", true),
+        mean("pass timing", "plan_ms", true),
+        mean("pass timing", "act_ms", true),
+    );
+    println!(
+        "  observe, mean ms: snapshot {:.2} decide {:.2} rest {:.2}",
+        mean("observe timing", "snapshot_ms", false),
+        mean("observe timing", "decide_ms", false),
+        mean("observe timing", "rest_ms", false),
+    );
     samples
 }
 

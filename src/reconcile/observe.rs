@@ -70,18 +70,7 @@ impl Agent {
                 }
             }
         }
-        let mut mounts = BTreeMap::new();
-        for m in &inv.mounts {
-            if m.mount_point.starts_with(&self.cfg.host_dir) && m.root == Path::new("/") {
-                let dev = inv.mount_device(m);
-                let mut fact = dirs::mount_fact(m, dev.map(|d| d.devnode.as_path()));
-                // After the filesystem's size, so that an online grow in
-                // between (disk, then filesystem) never looks like a shrink.
-                fact.device_bytes =
-                    dev.and_then(|d| crate::host::BlockDevices::size_now(&self.devices, &d.name));
-                mounts.insert(m.mount_point.clone(), fact);
-            }
-        }
+        let mounts = self.mount_facts(&inv);
         let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
         debug!(
             devices = inv.devices.len(),
@@ -97,6 +86,26 @@ impl Agent {
             dirs: entries,
             wake_at,
         })
+    }
+
+    /// The facts of every mount of hostDir's filesystems.
+    fn mount_facts(
+        &self,
+        inv: &Inventory,
+    ) -> BTreeMap<std::path::PathBuf, crate::model::MountFact> {
+        let mut mounts = BTreeMap::new();
+        for m in &inv.mounts {
+            if m.mount_point.starts_with(&self.cfg.host_dir) && m.root == Path::new("/") {
+                let dev = inv.mount_device(m);
+                let mut fact = dirs::mount_fact(m, dev.map(|d| d.devnode.as_path()));
+                // After the filesystem's size, so that an online grow in
+                // between (disk, then filesystem) never looks like a shrink.
+                fact.device_bytes =
+                    dev.and_then(|d| crate::host::BlockDevices::size_now(&self.devices, &d.name));
+                mounts.insert(m.mount_point.clone(), fact);
+            }
+        }
+        mounts
     }
 
     /// The devices, the mount table and the discovery dirs, read in that
