@@ -168,8 +168,18 @@ impl SysfsDevices {
     /// One device as [`list`](BlockDevices::list) shows it, or `None` when
     /// it is gone or is no disk at all (a loop with nothing attached).
     fn device(&self, name: &str, udev_active: bool) -> Option<Device> {
+        // A loop device with nothing attached is not a disk at all. Told
+        // first, from three attributes: a node keeps every loop the kernel
+        // ever made, and reading all their facts each pass (over 20 reads
+        // each) cost a pass 27 ms with 200 of them.
+        let dir = self.sys.join("class/block").join(name);
+        if kind_of(&dir, name) == DeviceKind::Loop
+            && read(&dir.join("size")).is_none_or(|s| s == "0")
+            && read(&dir.join("loop/backing_file")).is_none()
+        {
+            return None;
+        }
         let mut d = self.read_device(name)?;
-        // A loop device with nothing attached is not a disk at all.
         if d.kind == DeviceKind::Loop && d.size_bytes == 0 && d.loop_backing_file.is_none() {
             return None;
         }

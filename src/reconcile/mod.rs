@@ -125,7 +125,10 @@ impl Written {
 const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 
 const REPORT_EVERY: Duration = Duration::from_secs(600);
-const DEBOUNCE: Duration = Duration::from_millis(20);
+/// How long the events of a burst that came during a pass are gathered
+/// before the next (`run::wait_for_kick`); a pass itself takes longer, so a
+/// burst of any size still makes a few passes, not one per event.
+const DEBOUNCE: Duration = Duration::from_millis(5);
 
 impl Agent {
     pub fn new(

@@ -222,26 +222,32 @@ async fn wait_for_kick<F: Future<Output = ()>>(
         }
     };
     let mut settle = std::pin::pin!(settle);
-    let stop = loop {
-        tokio::select! {
-            _ = shutdown.as_mut() => break true,
-            k = kicks.recv() => {
-                if k.is_none() { break true }
-                // While backing off after a failure, events do not cut the
-                // wait short: the next pass is due at `wake_at` anyway and
-                // sees them all, and an API in trouble is not asked again
-                // per event.
-                if pace.failures == 0 { break false }
+    // A kick already waiting came while the last pass ran: a burst still
+    // arriving, gathered for DEBOUNCE into one pass. A kick that finds the
+    // agent idle (a hot-added disk) is acted on at once.
+    let burst = pace.failures == 0 && !kicks.is_empty();
+    if burst {
+        tokio::time::sleep(DEBOUNCE).await;
+    } else {
+        let stop = loop {
+            tokio::select! {
+                _ = shutdown.as_mut() => break true,
+                k = kicks.recv() => {
+                    if k.is_none() { break true }
+                    // While backing off after a failure, events do not cut the
+                    // wait short: the next pass is due at `wake_at` anyway and
+                    // sees them all, and an API in trouble is not asked again
+                    // per event.
+                    if pace.failures == 0 { break false }
+                }
+                _ = tokio::time::sleep(pace.resync) => break false,
+                _ = &mut settle => break false,
             }
-            _ = tokio::time::sleep(pace.resync) => break false,
-            _ = &mut settle => break false,
+        };
+        if stop {
+            return true;
         }
-    };
-    if stop {
-        return true;
     }
-    // Debounce: a burst of events makes one reconcile.
-    tokio::time::sleep(DEBOUNCE).await;
     while kicks.try_recv().is_ok() {}
     false
 }
