@@ -60,8 +60,10 @@ impl Agent {
                 }
             }
         }
+        // As many at once as the applies: each in flight is a connection
+        // the client keeps open for a while afterwards.
         let node = &self.kube.node;
-        futures::future::join_all(published.iter().map(|(pv, path)| {
+        futures::stream::iter(published.iter().map(|(pv, path)| {
             self.kube.event(
                 pv,
                 false,
@@ -70,6 +72,8 @@ impl Agent {
                 format!("published {path} on node {node}"),
             )
         }))
+        .buffer_unordered(APPLIES_AT_ONCE)
+        .collect::<Vec<()>>()
         .await;
         false
     }
