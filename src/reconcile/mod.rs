@@ -292,19 +292,10 @@ impl Agent {
     /// changed.
     async fn act(&mut self, a: Action, observed: &Observed, node_obj: &Node) -> bool {
         match a {
-            Action::Format {
-                device,
-                class,
-                fs,
-                fingerprint,
-            } => {
-                let job = provision::FormatJob {
-                    device,
-                    class,
-                    fs,
-                    fingerprint,
-                };
-                self.formats(vec![job], observed, node_obj).await
+            // `act_all` runs these as batches and never hands them here; a
+            // lone one is a batch of one.
+            a @ (Action::Format { .. } | Action::ApplyPv { .. }) => {
+                Box::pin(self.act_all(vec![a], observed, node_obj)).await
             }
             Action::Mount {
                 device,
@@ -325,7 +316,6 @@ impl Agent {
                     false
                 }
             },
-            Action::ApplyPv { pv, create } => self.apply_pvs(vec![(pv, create)]).await,
             Action::DeletePv {
                 name,
                 uid,
